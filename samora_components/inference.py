@@ -24,7 +24,7 @@ from .io import VOLUME_SUFFIXES, VolumeError, check_volume, read_volume, volume_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BundlePredictor", "find_volumes", "output_path", "predict_file", "main"]
+__all__ = ["BundlePredictor", "find_volumes", "output_path", "predict_file", "predict_datalist", "main"]
 
 
 @dataclass
@@ -50,6 +50,7 @@ class BundlePredictor:
         parser = ConfigParser()
         parser.read_config(str(config))
         parser["bundle_root"] = str(bundle)
+        parser["ckpt_dir"] = str(weights.parent)  # model.json beside the weights describes them
         if batch:
             parser["inferer#sw_batch_size"] = int(batch)
         network = parser.get_parsed_content("network")
@@ -127,6 +128,21 @@ def predict_file(predictor: BundlePredictor, source: Path, target: Path) -> np.n
         raise VolumeError(f"{source}: prediction shape {label.shape} differs from the image {array.shape}")
     _save_like(label.reshape(volume.array.shape), source, target)
     return label
+
+
+def predict_datalist(predictor: BundlePredictor, items: list[dict], out: Path, overwrite: bool = True) -> list:
+    """Predict every ``image`` of datalist items into ``out``; return evaluation cases (pred, label)."""
+    from .evaluate import Case
+
+    cases = []
+    for item in tqdm(items, desc="predict", unit="vol"):
+        source = Path(item["image"])
+        target = output_path(source, out)
+        if overwrite or not target.exists():
+            predict_file(predictor, source, target)
+        if item.get("label"):
+            cases.append(Case(volume_stem(source), target, Path(item["label"]), source))
+    return cases
 
 
 def main(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int = 16) -> None:

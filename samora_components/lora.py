@@ -113,8 +113,8 @@ class LoRAQKV(nn.Module):
         """(out, in) weight update with q and v rows filled."""
         e = self.expert
         delta = self.base.weight.new_zeros(self.base.weight.shape)
-        delta = delta.index_add(0, self.q_rows, e.b_q @ e.a_q)
-        return delta.index_add(0, self.v_rows, e.b_v @ e.a_v)
+        delta = delta.index_add(0, self.q_rows, (e.b_q @ e.a_q).to(delta.dtype))
+        return delta.index_add(0, self.v_rows, (e.b_v @ e.a_v).to(delta.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.base.weight + self.delta_weight(), self.base.bias)

@@ -18,7 +18,7 @@ from monai.bundle import run as bundle_run
 logger = logging.getLogger("samora")
 
 __all__ = [
-    "expert_files", "prepare_run", "report_training", "run_config", "config_files", "read_model_card", "write_json",
+    "expert_files", "prepare_run", "report_training", "run_config", "config_files", "evaluate_bundle", "read_model_card", "write_json",
     "MODEL_CARD_KEYS",
 ]
 
@@ -51,6 +51,34 @@ def report_training(evaluator, model_path: str) -> None:
     """Log the best validation metric and where the weights are."""
     state = evaluator.state
     logger.info("best val_mean_dice %.4f at epoch %s; weights: %s", state.best_metric, state.best_metric_epoch, model_path)
+
+
+def evaluate_bundle(
+    bundle_root: str,
+    datalist: str,
+    section: str = "test",
+    out: str = "eval",
+    weights: str | None = None,
+    protocol: str = "transunet",
+    classes: str | None = None,
+) -> dict:
+    """Predict a datalist section with the bundle's inference config and score it.
+
+    Writes ``out/pred/<case>.nii.gz`` and the reports of :func:`samora_components.evaluate.evaluate_cases`
+    (metrics.csv, summary.csv/json, dice_bar.png, overlays/) into ``out``.
+    """
+    from .data import read_datalist
+    from .evaluate import evaluate_cases, format_table
+    from .inference import BundlePredictor, predict_datalist
+
+    items = read_datalist(datalist, section)
+    if not items:
+        raise ValueError(f"{datalist} has no '{section}' items to evaluate")
+    predictor = BundlePredictor.from_bundle(bundle_root, weights)
+    cases = predict_datalist(predictor, items, Path(out) / "pred")
+    summary = evaluate_cases(cases, protocol, out, classes or bundle_root)
+    logger.info("%s (%s protocol, %d cases):\n%s", section, protocol, len(cases), format_table(summary))
+    return summary
 
 
 def config_files(bundle: str, name: str, quick: bool = False) -> list[str]:
