@@ -2,6 +2,7 @@
 
 Commands:
   phantom   write a synthetic CT/MR phantom data set with its datalist
+  pretrain  stage 1: continual pre-training of the teachers and the three LoRA experts
   train     stage-2 training of a bundle (SAMed or SAMora), same path as ``monai.bundle run training``
   evaluate  Dice/HD95 of predicted label volumes against ground truth (transunet | spacing protocol)
   infer     segment NIfTI/MetaImage/h5 volumes with a bundle's inference config
@@ -43,6 +44,20 @@ def _train(bundle: str = "bundles/samora_ct", quick: bool = False, **overrides) 
     run_config(bundle, "train", run_id="training", quick=quick, **overrides)
 
 
+def _pretrain(bundle: str = "bundles/samora_ct", level: str = "all", quick: bool = False,
+              teacher_checkpoint: str | None = None, simclr_checkpoint: str | None = None,
+              mae_checkpoint: str | None = None, **overrides) -> None:
+    """Stage 1 of BUNDLE: --level image|patch|pixel|cpt_simclr|cpt_mae|cpt|all (all = CPT, then the
+    three experts); experts go to <bundle>/models/experts/lora_<level>.safetensors."""
+    from .workflow import pretrain
+
+    try:
+        pretrain(bundle, level, quick, teacher_checkpoint, simclr_checkpoint, mae_checkpoint, **overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _demo(out: str = "demo_out", quick: bool = True) -> None:
     """Phantom -> SAMed fine-tuning -> evaluation -> NIfTI inference, printing where results went."""
     from .demo import main
@@ -52,6 +67,7 @@ def _demo(out: str = "demo_out", quick: bool = True) -> None:
 
 COMMANDS = {
     "phantom": _phantom,
+    "pretrain": _pretrain,
     "train": _train,
     "evaluate": _evaluate,
     "infer": _infer,

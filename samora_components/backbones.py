@@ -28,7 +28,7 @@ from segment_anything.modeling import ImageEncoderViT, PromptEncoder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Backbone", "BACKBONES", "build_backbone", "resize_vit_state", "file_sha256"]
+__all__ = ["Backbone", "BACKBONES", "build_backbone", "resize_vit_state", "file_sha256", "frozen_to_eval"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,17 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def frozen_to_eval(module: torch.nn.Module) -> None:
+    """Put every submodule without trainable parameters of its own in eval mode.
+
+    Frozen SAM parts then keep inference behaviour while the rest trains: BatchNorm statistics stay
+    fixed and TinyViT's cached attention biases stay valid.
+    """
+    for child in module.modules():
+        if not any(p.requires_grad for p in child.parameters(recurse=False)):
+            child.train(False)
 
 
 def _strip_wrappers(state: dict) -> dict:
@@ -198,6 +209,16 @@ class Backbone:
             return self.img_size // self.config.patch_size
         return self.encoder.grid
 
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Slices (B, 1 or 3, H, W) in [0, 1] -> model input (B, 3, S, S): grey repeated to RGB,
+        bilinear resize to the input size (SAM's mean/std normalisation is disabled, SPEC §2)."""
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"expected slices (B, 1 or 3, H, W), got {tuple(x.shape)}")
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        return x
+
     def attention_sites(self) -> list[torch.nn.Module]:
         """The encoder's attention modules (each has a fused ``qkv`` linear), in forward order."""
         if self.family == "vit":
@@ -213,14 +234,32 @@ class Backbone:
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Rest of the encoder: attention blocks and neck, giving (B, E, grid, grid)."""
+        return self.trunk_with_skips(x, collect=False)[0]
+
+    def trunk_with_skips(self, x: torch.Tensor, collect: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Like :meth:`trunk`, also returning intermediate maps for U-Net style decoders.
+
+        Skips are (B, C_i, h_i, w_i) maps taken after attention blocks (where experts act): the
+        global-attention blocks of a ViT (all at the token grid), the last block of each TinyViT
+        stage (before its downsampling, so the first attention stage gives a 2x finer map).
+        """
+        skips: list[torch.Tensor] = []
         if self.family == "vit":
-            for block in self.encoder.blocks:
+            for index, block in enumerate(self.encoder.blocks):
                 x = block(x)
-            return self.encoder.neck(x.permute(0, 3, 1, 2))
+                if collect and index in self.config.global_attn_indexes:
+                    skips.append(x.permute(0, 3, 1, 2))
+            return self.encoder.neck(x.permute(0, 3, 1, 2)), skips
         body = self.encoder.body
         for layer in body.layers[1:]:
-            x = layer(x)
-        return body.neck(x.view(x.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2))
+            for block in layer.blocks:
+                x = block(x)
+            if collect:
+                h, w = layer.input_resolution
+                skips.append(x.transpose(1, 2).reshape(x.shape[0], -1, h, w))
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        return body.neck(x.view(x.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2)), skips
 
 
 def _build_vit(cfg: _ViTConfig, img_size: int) -> tuple[torch.nn.Module, int]:

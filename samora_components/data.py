@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from monai.data import MetaTensor, load_decathlon_datalist
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from .io import axial_slices, volume_stem
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_datalist", "SliceDataset", "ensure_phantom", "select_few_shot"]
+__all__ = ["read_datalist", "SliceDataset", "VolumeSlices", "ensure_phantom", "select_few_shot"]
 
 
 def ensure_phantom(datalist: str, kind: str = "ct", cases: int = 10, unlabeled: int = 8, seed: int = 0) -> str:
@@ -133,4 +136,66 @@ class SliceDataset(Dataset):
         item = dict(self.items[index])
         if self.augment is not None:
             item = self.augment(item)
+        return item
+
+
+class VolumeSlices(Dataset):
+    """Axial slices of a pool of volumes, cut on the fly (the unlabeled pool of stage 1).
+
+    Only the headers are read up front (:func:`samora_components.io.axial_slices`); a volume is
+    loaded through ``volume_transform`` the first time one of its slices is drawn and kept in a
+    least-recently-used cache of ``cache_volumes`` volumes (per data-loader worker).
+
+    Args:
+        data: datalist items with an ``image`` path (``unlabeled`` section).
+        volume_transform: maps ``{"image": path}`` to ``{"image": (1, X, Y, Z)}``, axial axis last
+            (load, orient to RAS, intensity scaling).
+        slice_transform: applied to every drawn ``{"image": (1, X, Y)}`` slice (resize, augmentation).
+        cache_volumes: volumes kept in memory.
+
+    Each item is the slice dict after ``slice_transform`` plus ``case`` and ``slice``.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[dict],
+        volume_transform: Callable,
+        slice_transform: Callable | None = None,
+        cache_volumes: int = 64,
+    ) -> None:
+        if not data:
+            raise ValueError("VolumeSlices got no volumes: is the datalist's 'unlabeled' section empty?")
+        self.paths = [str(item["image"]) for item in data]
+        self.volume_transform = volume_transform
+        self.slice_transform = slice_transform
+        self.cache_volumes = max(1, int(cache_volumes))
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.index = [(v, z) for v, path in enumerate(self.paths) for z in range(axial_slices(path))]
+        logger.info("unlabeled pool: %d slices from %d volumes", len(self.index), len(self.paths))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _volume(self, v: int) -> torch.Tensor:
+        if v in self._cache:
+            self._cache.move_to_end(v)
+            return self._cache[v]
+        image = _plain(torch.as_tensor(self.volume_transform({"image": self.paths[v]})["image"]))
+        self._cache[v] = image
+        while len(self._cache) > self.cache_volumes:
+            self._cache.popitem(last=False)
+        return image
+
+    def __getitem__(self, index: int) -> dict:
+        v, z = self.index[index]
+        volume = self._volume(v)
+        if z >= volume.shape[-1]:
+            raise IndexError(f"{self.paths[v]}: slice {z} beyond the {volume.shape[-1]} axial slices after orientation")
+        item = {"image": volume[..., z].clone()}
+        if self.slice_transform is not None:
+            item = dict(self.slice_transform(item))
+        item["image"] = torch.as_tensor(item["image"]).contiguous()
+        for key in [k for k in item if k != "image" and isinstance(item[k], torch.Tensor)]:
+            item[key] = torch.as_tensor(item[key]).contiguous()
+        item.update(case=volume_stem(self.paths[v]), slice=z)
         return item

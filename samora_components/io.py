@@ -35,6 +35,7 @@ __all__ = [
     "VOLUME_SUFFIXES",
     "volume_stem",
     "readers",
+    "axial_slices",
 ]
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mhd", ".mha", ".h5", ".npz")
@@ -127,6 +128,47 @@ def read_volume(path: str | Path, key: str = "image") -> Volume:
     except PermissionError:
         raise VolumeError(f"{path}: permission denied") from None
     except Exception as err:  # readers raise many types for bad files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise VolumeError(f"{path}: not a readable volume ({reason})") from None
+    raise VolumeError(f"{path}: unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)})")
+
+
+def axial_slices(path: str | Path, key: str = "image") -> int:
+    """Number of axial slices of a volume file once oriented to RAS, read from its header only.
+
+    Used to index an unlabeled pool without loading it. NIfTI and MetaImage use their orientation;
+    h5/npz arrays (no geometry) slice along their last axis after :func:`read_volume`'s transposition.
+    """
+    path = str(path)
+    try:
+        if path.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            img = nib.load(path)
+            codes = nib.aff2axcodes(img.affine)
+            return int(img.shape[[c in ("S", "I") for c in codes].index(True)])
+        if path.endswith((".mhd", ".mha")):
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(path)
+            reader.ReadImageInformation()
+            direction = np.asarray(reader.GetDirection()).reshape(3, 3)
+            axis = int(np.argmax(np.abs(direction[2])))  # array axis that moves most along z (S/I)
+            return int(reader.GetSize()[axis])
+        if _is_h5(path):
+            import h5py
+
+            with h5py.File(path, "r") as handle:
+                if key not in handle:
+                    raise VolumeError(f"{path}: no '{key}' array (has {sorted(handle.keys())})")
+                shape = handle[key].shape
+            return int(shape[0] if path.endswith(".npy.h5") else shape[-1])
+        if path.endswith(".npz"):
+            return 1
+    except VolumeError:
+        raise
+    except Exception as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise VolumeError(f"{path}: not a readable volume ({reason})") from None
     raise VolumeError(f"{path}: unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)})")

@@ -25,7 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-__all__ = ["QKVRows", "qkv_rows", "LoRAExpert", "LoRAQKV", "save_expert", "load_expert", "read_expert_metadata"]
+__all__ = [
+    "QKVRows", "qkv_rows", "LoRAExpert", "LoRAQKV", "attach_lora", "save_expert", "load_expert", "read_expert_metadata",
+    "LEVELS",
+]
 
 LEVELS = ("image", "patch", "pixel")
 
@@ -118,6 +121,18 @@ class LoRAQKV(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
+
+
+def attach_lora(sites: list[nn.Module], rank: int = 4) -> list[LoRAQKV]:
+    """Wrap the ``qkv`` projection of every attention module in ``sites`` with a :class:`LoRAQKV`.
+
+    Returns the wrappers in site order; their experts are the only new trainable parameters.
+    """
+    wrapped = []
+    for attn in sites:
+        attn.qkv = LoRAQKV(attn.qkv, qkv_rows(attn), rank)
+        wrapped.append(attn.qkv)
+    return wrapped
 
 
 def save_expert(experts: list[LoRAExpert], path: str | Path, metadata: dict) -> None:

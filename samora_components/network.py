@@ -22,16 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import build_backbone
+from .backbones import build_backbone, frozen_to_eval
 from .decoder import PromptFreeDecoder
 from .fusion import ExpertAttention, build_fusion
-from .lora import LEVELS, LoRAExpert, LoRAQKV, load_expert, qkv_rows
+from .lora import LEVELS, LoRAExpert, attach_lora, load_expert
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SAMoraNet", "METHODS"]
+__all__ = ["SAMoraNet", "METHODS", "PRECISIONS"]
 
 METHODS = ("samed", "samora", "frozen")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _replace(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
@@ -59,6 +60,8 @@ class SAMoraNet(nn.Module):
         fusion: ``"hl_attn"``, ``"lac"``, ``"lorahub"`` or ``"mole"``.
         fusion_order / fusion_width / fusion_heads: HL-Attn configuration.
         in_channels: 1 (repeated to RGB) or 3.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast inside the forward: matrix products and
+            convolutions in bfloat16, logits returned in float32; fast on CPUs with AMX and on GPUs).
 
     Shapes: (B, in_channels, H, W) -> (B, num_classes, H, W).
     """
@@ -79,8 +82,11 @@ class SAMoraNet(nn.Module):
         fusion_width: int = 128,
         fusion_heads: int = 4,
         in_channels: int = 1,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         if in_channels not in (1, 3):
@@ -92,14 +98,13 @@ class SAMoraNet(nn.Module):
         self.method = method
         self.in_channels = in_channels
         self.num_classes = num_classes
+        self.precision = precision
         self._bb = bb  # plain attribute: gives stem/trunk/site helpers without a second registration
         self.encoder = bb.encoder
         base_keys = {f"encoder.{k}" for k in self.encoder.state_dict()}
         self.sites: list[nn.Module] = []
         if method == "samed":
-            for attn in bb.attention_sites():
-                attn.qkv = LoRAQKV(attn.qkv, qkv_rows(attn), rank)
-                self.sites.append(attn.qkv)
+            self.sites.extend(attach_lora(bb.attention_sites(), rank))
             base_keys = {k.replace(".qkv.", ".qkv.base.") if ".attn.qkv." in k else k for k in base_keys}
         elif method == "samora":
             levels = tuple(levels)
@@ -171,10 +176,7 @@ class SAMoraNet(nn.Module):
     # -- modes and forward -----------------------------------------------------------------------
     def train(self, mode: bool = True) -> "SAMoraNet":
         super().train(mode)
-        # frozen SAM parts keep inference behaviour (BatchNorm statistics, cached attention biases)
-        for module in self.encoder.modules():
-            if not any(p.requires_grad for p in module.parameters(recurse=False)):
-                module.train(False)
+        frozen_to_eval(self.encoder)  # frozen SAM parts keep inference behaviour
         self.decoder.prompt.train(False)
         return self
 
@@ -188,11 +190,10 @@ class SAMoraNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         size = tuple(x.shape[-2:])
-        if self.in_channels == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if size != (self.img_size, self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        logits = self.decoder(self.embed(x))
+        x = self._bb.prepare(x)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits = self.decoder(self.embed(x))
+        logits = logits.float()
         if tuple(logits.shape[-2:]) != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits

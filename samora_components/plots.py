@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-__all__ = ["bar_chart", "overlay", "overlay_grid", "choose_slices", "save_figure"]
+__all__ = ["bar_chart", "overlay", "overlay_grid", "choose_slices", "save_figure", "line_plot"]
 
 _UNITS = {"transunet": "voxels", "spacing": "mm"}
 _ANNOTATE_MAX = 30  # bars labelled with their value up to this many classes
@@ -229,3 +229,19 @@ def choose_slices(volume: np.ndarray, n: int = 3) -> list[int]:
     middle = (depth - 1) / 2.0
     order = sorted(range(depth), key=lambda z: (-int(counts[z]), abs(z - middle), z))
     return sorted(order[: max(0, int(n))])
+
+
+def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: str | os.PathLike, xlabel: str = "",
+              ylabel: str = "", title: str = "") -> None:
+    """One or more curves over ``x`` (e.g. a loss per epoch), written as PNG to ``path``."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, values in series.items():
+        ax.plot(list(x)[: len(values)], list(values), marker="o", markersize=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    save_figure(fig, path)

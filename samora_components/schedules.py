@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["WarmupPoly"]
+import math
+
+__all__ = ["WarmupPoly", "WarmupCosine", "scaled_lr"]
 
 
 class WarmupPoly:
@@ -25,3 +27,26 @@ class WarmupPoly:
         if self.warmup and t <= self.warmup:
             return t / self.warmup
         return max(0.0, 1.0 - (t - self.warmup) / self.max_iters) ** self.power
+
+
+class WarmupCosine:
+    """``LambdaLR`` multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at
+    ``max_iters`` (the stage-1 schedules of SimCLRv2 and MAE)."""
+
+    def __init__(self, warmup: int, max_iters: int) -> None:
+        if max_iters <= 0:
+            raise ValueError("max_iters must be positive")
+        self.warmup = max(0, min(int(warmup), int(max_iters) - 1))
+        self.max_iters = int(max_iters)
+
+    def __call__(self, step: int) -> float:
+        t = step + 1
+        if self.warmup and t <= self.warmup:
+            return t / self.warmup
+        progress = min(1.0, (t - self.warmup) / max(1, self.max_iters - self.warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def scaled_lr(base_lr: float, batch_size: int, reference_batch: int = 512) -> float:
+    """Linear learning-rate scaling: the recipes give ``base_lr`` for ``reference_batch`` (SPEC §6)."""
+    return float(base_lr) * int(batch_size) / int(reference_batch)

@@ -18,7 +18,7 @@ from monai.bundle import run as bundle_run
 logger = logging.getLogger("samora")
 
 __all__ = [
-    "expert_files", "prepare_run", "report_training", "run_config", "config_files", "evaluate_bundle", "read_model_card", "write_json",
+    "attach_handlers", "expert_files", "prepare_run", "pretrain", "PRETRAIN_STEPS", "report_training", "run_config", "config_files", "evaluate_bundle", "read_model_card", "write_json",
     "MODEL_CARD_KEYS",
 ]
 
@@ -39,6 +39,12 @@ def expert_files(method: str, experts: Mapping[str, str] | None, levels: Sequenc
         else:
             logger.warning("no %s-level expert at %s: run stage 1 (pretrain) first; its delta stays zero", level, path)
     return found
+
+
+def attach_handlers(engine, handlers: Sequence) -> None:
+    """Attach handlers to an engine built directly from Ignite (stage 1), in order."""
+    for handler in handlers:
+        handler.attach(engine)
 
 
 def prepare_run(*folders: str) -> None:
@@ -81,20 +87,25 @@ def evaluate_bundle(
     return summary
 
 
-def config_files(bundle: str, name: str, quick: bool = False) -> list[str]:
-    """Config files for a bundle workflow, plus ``quick.yaml`` for the CPU quick profile."""
+def config_files(bundle: str, name: str | Sequence[str], quick: bool = False) -> list[str]:
+    """Config files of a bundle workflow, merged in order: ``configs/<name>.yaml`` (one name or a
+    list, e.g. ``["pretrain", "pretrain_image"]``), plus for the CPU quick profile ``quick.yaml`` and,
+    for stage 1, ``quick_pretrain.yaml``."""
     configs = Path(bundle) / "configs"
-    files = [configs / f"{name}.yaml"]
+    names = [name] if isinstance(name, str) else list(name)
+    files = [configs / f"{n}.yaml" for n in names]
     if quick:
         files.append(configs / "quick.yaml")
+        if names[0] == "pretrain":
+            files.append(configs / "quick_pretrain.yaml")
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"bundle config not found: {', '.join(missing)}")
     return [str(f) for f in files]
 
 
-def run_config(bundle: str, name: str, run_id: str = "run", quick: bool = False, **overrides) -> None:
-    """Run ``configs/<name>.yaml`` of ``bundle`` with ``overrides`` (config ids -> values)."""
+def run_config(bundle: str, name: str | Sequence[str], run_id: str = "run", quick: bool = False, **overrides) -> None:
+    """Run the merged ``configs/<name>.yaml`` files of ``bundle`` with ``overrides`` (config ids -> values)."""
     bundle = str(Path(bundle))
     files = config_files(bundle, name, quick)
     meta = Path(bundle) / "configs" / "metadata.json"
@@ -107,6 +118,55 @@ def run_config(bundle: str, name: str, run_id: str = "run", quick: bool = False,
         logging_file=str(logging_conf) if logging_conf.is_file() else None,
         **overrides,
     )
+
+
+#: stage-1 runs in the order ``--level all`` performs them: config file -> what it trains
+PRETRAIN_STEPS = {
+    "cpt_simclr": "SimCLRv2 teacher, continual pre-training",
+    "cpt_mae": "MAE teacher, continual pre-training",
+    "image": "image-level expert (distillation from SimCLRv2)",
+    "patch": "patch-level expert (distillation from MAE)",
+    "pixel": "pixel-level expert (denoising autoencoder)",
+}
+_TEACHER_KEY = {"image": "simclr_checkpoint", "patch": "mae_checkpoint", "cpt_simclr": "simclr_init_checkpoint", "cpt_mae": "mae_init_checkpoint"}
+
+
+def pretrain(
+    bundle: str,
+    level: str = "all",
+    quick: bool = False,
+    teacher_checkpoint: str | None = None,
+    simclr_checkpoint: str | None = None,
+    mae_checkpoint: str | None = None,
+    **overrides,
+) -> list[str]:
+    """Stage 1 of a bundle: ``level`` is image, patch, pixel, cpt_simclr, cpt_mae, cpt (both CPT
+    runs) or all (both CPT runs, then the three experts). Returns the steps run.
+
+    ``teacher_checkpoint`` is the teacher a single level starts from (the official SimCLRv2 / MAE
+    weights for cpt_* levels, a teacher to distil from for image/patch); ``simclr_checkpoint`` and
+    ``mae_checkpoint`` give the official starting weights of CPT for ``cpt``/``all``.
+    """
+    groups = {"all": list(PRETRAIN_STEPS), "cpt": ["cpt_simclr", "cpt_mae"]}
+    steps = groups.get(level, [level])
+    if any(step not in PRETRAIN_STEPS for step in steps):
+        raise ValueError(f"unknown level {level!r}; choose one of {', '.join([*PRETRAIN_STEPS, 'cpt', 'all'])}")
+    if teacher_checkpoint is not None:
+        if len(steps) > 1 or steps[0] not in _TEACHER_KEY:
+            raise ValueError("--teacher-checkpoint goes with one of the levels image, patch, cpt_simclr, cpt_mae; "
+                             "use --simclr-checkpoint / --mae-checkpoint with cpt or all")
+        overrides[_TEACHER_KEY[steps[0]]] = teacher_checkpoint
+    for key, path in (("simclr_init_checkpoint", simclr_checkpoint), ("mae_init_checkpoint", mae_checkpoint)):
+        if path is not None:
+            overrides.setdefault(key, path)
+    for given in [v for k, v in overrides.items() if k.endswith("checkpoint") and isinstance(v, str) and v]:
+        if not Path(given).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {given}")
+    for index, step in enumerate(steps, 1):
+        logger.info("stage 1 [%d/%d] %s: %s", index, len(steps), step, PRETRAIN_STEPS[step])
+        config = step if step.startswith("cpt_") else f"pretrain_{step}"
+        run_config(bundle, ["pretrain", config], run_id="training", quick=quick, **overrides)
+    return steps
 
 
 MODEL_CARD_KEYS = (
