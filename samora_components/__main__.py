@@ -2,10 +2,12 @@
 
 Commands:
   phantom   write a synthetic CT/MR phantom data set with its datalist
+  convert   write the datalist of a public MR release folder (LA in the UA-MT layout, PROMISE12)
   pretrain  stage 1: continual pre-training of the teachers and the three LoRA experts
   train     stage-2 training of a bundle (SAMed or SAMora), same path as ``monai.bundle run training``
   evaluate  Dice/HD95 of predicted label volumes against ground truth (transunet | spacing protocol)
   infer     segment NIfTI/MetaImage/h5 volumes with a bundle's inference config
+  bench     SAMed vs SAMora latency, FLOPs and parameters as one JSON line
   demo      the whole quick pipeline on the phantom (what ``make demo`` runs)
 
 ``python -m samora_components <command> --help`` lists a command's options.
@@ -44,6 +46,14 @@ def _train(bundle: str = "bundles/samora_ct", quick: bool = False, **overrides) 
     run_config(bundle, "train", run_id="training", quick=quick, **overrides)
 
 
+def _convert(kind: str, src: str, out: str | None = None, validation: int = 0, labeled: int | None = None) -> None:
+    """Write DATALIST (default SRC/datalist.json) for --kind la|promise12; --validation N holds out
+    the last N of the first --labeled labeled training scans."""
+    from .convert import main
+
+    main(kind, src, out, validation, labeled)
+
+
 def _pretrain(bundle: str = "bundles/samora_ct", level: str = "all", quick: bool = False,
               teacher_checkpoint: str | None = None, simclr_checkpoint: str | None = None,
               mae_checkpoint: str | None = None, **overrides) -> None:
@@ -58,6 +68,18 @@ def _pretrain(bundle: str = "bundles/samora_ct", level: str = "all", quick: bool
         raise SystemExit(2) from None
 
 
+def _bench(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "fp32", img_size: int | None = None,
+           warmup: int = 2, repeats: int = 7) -> None:
+    """Time SAMed and SAMora (encoder + decoder) on one batch; print one JSON object."""
+    from .bench import main
+
+    try:
+        main(backbone, batch, dtype, img_size, warmup, repeats)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _demo(out: str = "demo_out", quick: bool = True) -> None:
     """Phantom -> SAMed fine-tuning -> evaluation -> NIfTI inference, printing where results went."""
     from .demo import main
@@ -67,10 +89,12 @@ def _demo(out: str = "demo_out", quick: bool = True) -> None:
 
 COMMANDS = {
     "phantom": _phantom,
+    "convert": _convert,
     "pretrain": _pretrain,
     "train": _train,
     "evaluate": _evaluate,
     "infer": _infer,
+    "bench": _bench,
     "demo": _demo,
 }
 

@@ -41,6 +41,7 @@ __all__ = [
     "SingleExpertFusion",
     "ExpertAttention",
     "build_fusion",
+    "lorahub_search",
     "parse_order",
     "FUSIONS",
 ]
@@ -171,6 +172,50 @@ class MoLEFusion(nn.Module):
     def forward(self, deltas: dict[str, torch.Tensor], context: torch.Tensor) -> torch.Tensor:
         g = self.gate(context).softmax(dim=-1)  # (B, N, E)
         return sum(g[..., i : i + 1] * deltas[lv] for i, lv in enumerate(self.levels))
+
+
+def lorahub_search(
+    fusions: list[LoRAHubFusion],
+    objective,
+    iterations: int = 40,
+    bounds: tuple[float, float] = (-1.5, 1.5),
+    l1: float = 0.05,
+) -> torch.Tensor:
+    """LoRAHub's gradient-free composition search: one weight per expert, shared by every site.
+
+    Nelder-Mead (SciPy) minimises ``objective() + l1 * |w|_1`` over the weights, clipped to
+    ``bounds``, starting from the current weights; ``objective`` evaluates the network (e.g. its
+    loss on a few labeled batches) with the weights in place and no gradients. The best weights
+    found are left in ``fusions`` and returned (E,).
+    """
+    from scipy.optimize import minimize
+
+    if not fusions:
+        raise ValueError("no LoRAHub fusion modules to search")
+    start = fusions[0].weights.detach().cpu().double().numpy()
+    lo, hi = bounds
+    best = {"value": float("inf"), "w": start.copy()}
+
+    def set_weights(w) -> None:
+        clipped = torch.as_tensor(w, dtype=torch.float32).clamp(lo, hi)
+        for fusion in fusions:
+            fusion.weights.copy_(clipped.to(fusion.weights.device))
+
+    def cost(w) -> float:
+        set_weights(w)
+        with torch.no_grad():
+            value = float(objective()) + l1 * float(abs(w.clip(lo, hi)).sum())
+        if value < best["value"]:
+            best.update(value=value, w=w.clip(lo, hi).copy())
+        return value
+
+    import numpy as np
+
+    simplex = np.vstack([start, start + 0.5 * np.eye(len(start))])  # steps on the scale of the bounds
+    options = {"maxfev": int(iterations), "xatol": 1e-3, "fatol": 1e-4, "initial_simplex": simplex}
+    minimize(cost, start, method="Nelder-Mead", options=options)
+    set_weights(best["w"])
+    return fusions[0].weights.detach().clone()
 
 
 FUSIONS = ("hl_attn", "lac", "lorahub", "mole")

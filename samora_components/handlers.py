@@ -14,7 +14,7 @@ from ignite.handlers import ProgressBar as _IgniteProgressBar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProgressBar", "ModelCardWriter", "TrainingCheckpoint", "TrainableState", "LossHistory"]
+__all__ = ["ProgressBar", "ModelCardWriter", "TrainingCheckpoint", "TrainableState", "LossHistory", "LoRAHubSearch"]
 
 
 class ProgressBar:
@@ -181,3 +181,57 @@ class LossHistory:
 
         line_plot(epochs, {"training loss": self.epoch_losses}, self.path.rsplit(".", 1)[0] + ".png",
                   xlabel="epoch", ylabel="loss", title="stage-1 training loss")
+
+
+class LoRAHubSearch:
+    """Runs LoRAHub's gradient-free expert-weight search (:func:`samora_components.fusion.lorahub_search`)
+    at the start of every ``interval``-th epoch, on the first ``batches`` batches of ``loader``, with
+    the rest of the network fixed; in between, the decoder trains by gradient as usual.
+
+    Inert for networks without LoRAHub fusion, so the bundle can list it unconditionally.
+
+    Args:
+        network: the :class:`SAMoraNet` being trained.
+        loader: labeled batches (``image``, ``label``).
+        loss_function: the training loss (e.g. ``DiceCELoss``).
+        batches / iterations / interval: search data, objective evaluations per search, epochs between searches.
+    """
+
+    def __init__(self, network, loader, loss_function, batches: int = 4, iterations: int = 40, interval: int = 1,
+                 device: str | torch.device = "cpu") -> None:
+        from .fusion import LoRAHubFusion
+
+        self.network = network
+        self.fusions = [m for m in network.modules() if isinstance(m, LoRAHubFusion)]
+        self.loader = loader
+        self.loss_function = loss_function
+        self.batches = batches
+        self.iterations = iterations
+        self.interval = max(1, int(interval))
+        self.device = torch.device(device)
+
+    def attach(self, engine: Engine) -> None:
+        if self.fusions:
+            engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def _objective(self, data: list) -> float:
+        total = 0.0
+        for image, label in data:
+            total += float(self.loss_function(self.network(image), label))
+        return total / len(data)
+
+    def __call__(self, engine: Engine) -> None:
+        from .fusion import lorahub_search
+
+        if (engine.state.epoch - 1) % self.interval:
+            return
+        data = []
+        for index, batch in enumerate(self.loader):
+            if index >= self.batches:
+                break
+            data.append((batch["image"].to(self.device), batch["label"].to(self.device)))
+        was_training = self.network.training
+        self.network.eval()
+        weights = lorahub_search(self.fusions, lambda: self._objective(data), self.iterations)
+        self.network.train(was_training)
+        logger.info("LoRAHub weights after epoch %d: %s", engine.state.epoch - 1, [round(float(w), 3) for w in weights])

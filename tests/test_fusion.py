@@ -137,3 +137,31 @@ def test_lac_and_mole_are_weighted_sums():
     assert torch.allclose(lac(deltas, None), sum(deltas.values()) / 3, atol=1e-6)
     mole = MoLEFusion(8, LEVELS)
     assert torch.allclose(mole(deltas, torch.randn(1, 4, 8)), sum(deltas.values()) / 3, atol=1e-6)  # uniform at start
+
+
+def test_lorahub_search_lowers_the_objective_without_gradients():
+    """The search finds weights that reproduce a target made with known expert weights."""
+    from samora_components.fusion import lorahub_search
+
+    torch.manual_seed(0)
+    net = SAMoraNet(3, backbone="tiny_tinyvit", checkpoint="", method="samora", fusion="lorahub").eval()
+    _randomise_experts(net, std=0.5)
+    fusions = [site.fusion for site in net.sites]
+    with torch.no_grad():
+        for site in net.sites:
+            site.gate.fill_(1.0)
+            site.fusion.weights.copy_(torch.tensor([1.0, -0.5, 0.5]))
+        x = torch.rand(4, 1, 64, 64)
+        target = net.embed(net._bb.prepare(x))
+        for fusion in fusions:
+            fusion.weights.fill_(1 / 3)
+
+    def objective() -> float:
+        return float((net.embed(net._bb.prepare(x)) - target).square().mean())
+
+    start = objective()
+    weights = lorahub_search(fusions, objective, iterations=60, l1=0.0)
+    assert objective() < 0.2 * start
+    assert all(torch.equal(f.weights, weights) for f in fusions)  # one weight vector shared by all sites
+    assert weights.abs().max() <= 1.5
+    assert not any(p.grad is not None for p in net.parameters())

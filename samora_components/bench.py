@@ -1,0 +1,122 @@
+"""Speed benchmark: SAMed vs SAMora encoder + decoder latency in one process (SPEC §4).
+
+``python -m samora_components bench --backbone sam_vit_b|litemedsam --batch N --dtype fp32|bf16``
+prints one JSON object:
+
+* ``samed`` / ``samora``: per-slice latency (median over ``repeats`` timed forward passes after
+  ``warmup`` untimed ones), FLOPs per slice (counted by ``torch.utils.flop_counter``), achieved
+  GFLOP/s, total and stage-2 trainable parameter counts;
+* ``latency_ratio`` and ``flop_ratio`` (SAMora / SAMed);
+* ``matmul_peak_gflops``: the best rate of a large square matmul in the same dtype, timed in the
+  same run, and each model's ``fraction_of_peak``.
+
+Weights are random for SAM ViTs (no checkpoint is needed to time them) and the embedded ones for
+LiteMedSAM; SAMora's experts get random non-zero updates and a non-zero gate so that nothing is
+skipped. Both models run in inference mode on the same input.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+
+from .network import SAMoraNet
+
+__all__ = ["benchmark", "matmul_peak", "main"]
+
+
+def _timed(fn, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of the best of ``repeats`` (size x size) @ (size x size) products in ``dtype``."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    best = min(_timed(lambda: torch.mm(a, b), 2, repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _flops(net: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward pass as executed (padding included). PyTorch's counter has no formula
+    for the CPU fused-attention kernel, so one is registered here."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        net(x)
+    return int(counter.get_total_flops())
+
+
+def _model(method: str, backbone: str, img_size: int | None, dtype: str, num_classes: int) -> SAMoraNet:
+    checkpoint = None if backbone == "litemedsam" else ""
+    net = SAMoraNet(num_classes, backbone=backbone, img_size=img_size, checkpoint=checkpoint, method=method,
+                    precision="bf16" if dtype == "bf16" else "fp32")
+    if method == "samora":
+        with torch.no_grad():
+            for site in net.sites:
+                site.gate.fill_(0.1)
+                for expert in site.experts.values():
+                    expert.b_q.normal_(std=0.01)
+                    expert.b_v.normal_(std=0.01)
+    return net.eval()
+
+
+def benchmark(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "fp32", img_size: int | None = None,
+              warmup: int = 2, repeats: int = 7, num_classes: int = 9) -> dict:
+    """Time SAMed and SAMora forward passes on one batch; see the module docstring for the fields."""
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
+    if batch < 1 or repeats < 1 or warmup < 0:
+        raise ValueError("batch and repeats must be >= 1, warmup >= 0")
+    torch.manual_seed(0)
+    result: dict = {"backbone": backbone, "batch": batch, "dtype": dtype, "threads": torch.get_num_threads(),
+                    "device": "cpu", "warmup": warmup, "repeats": repeats}
+    nets = {m: _model(m, backbone, img_size, dtype, num_classes) for m in ("samed", "samora")}
+    size = nets["samed"].img_size
+    result["img_size"] = size
+    x = torch.rand(batch, 1, size, size)
+    peak = matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    for method, net in nets.items():
+        with torch.inference_mode():
+            times = _timed(lambda: net(x), warmup, repeats)
+        median = statistics.median(times)
+        flops = _flops(net, x)
+        result[method] = {
+            "latency_ms_per_slice": 1e3 * median / batch,
+            "latency_ms_per_batch": {"median": 1e3 * median, "min": 1e3 * min(times), "max": 1e3 * max(times)},
+            "gflop_per_slice": flops / batch / 1e9,
+            "gflops_achieved": flops / median / 1e9,
+            "fraction_of_peak": flops / median / 1e9 / peak,
+            "params_total": sum(p.numel() for p in net.parameters()),
+            "params_trainable": sum(p.numel() for p in net.trainable_parameters()),
+        }
+    result["latency_ratio"] = result["samora"]["latency_ms_per_slice"] / result["samed"]["latency_ms_per_slice"]
+    result["flop_ratio"] = result["samora"]["gflop_per_slice"] / result["samed"]["gflop_per_slice"]
+    result["params_added_by_samora"] = result["samora"]["params_total"] - result["samed"]["params_total"]
+    result["matmul_peak_gflops"] = peak
+    return result
+
+
+def main(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "fp32", img_size: int | None = None,
+         warmup: int = 2, repeats: int = 7) -> dict:
+    """CLI entry: run :func:`benchmark` and print its JSON on one line."""
+    result = benchmark(backbone, batch, dtype, img_size, warmup, repeats)
+    print(json.dumps(result))
+    return result
