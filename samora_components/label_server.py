@@ -1,0 +1,288 @@
+"""Serve the SAMora bundles with a MONAI Label server (see docs/monailabel.md).
+
+``make label-server STUDIES=/path/to/niftis`` runs this module in the label environment
+(``.venv-label``, built from ``requirements-label.txt``): MONAI Label 0.8.5 needs numpy < 2, the
+main environment does not, so the server lives in its own virtualenv.
+
+What it does, in order:
+
+1. picks the bundles to serve (default: every ``bundles/*`` folder with ``configs/inference.yaml``);
+   a bundle without ``models/model.pt`` is skipped with one line on stderr, and so is one whose
+   weights do not load strictly (``torch.load(..., weights_only=True)``) into the network that its
+   ``inference.yaml`` builds from ``models/model.json``;
+2. writes the app folder (default ``build/monailabel``, git-ignored): a copy of the ``monaibundle``
+   sample app shipped inside the installed monailabel wheel, with ``model/<bundle name>`` linking
+   to each bundle, so every model is found locally;
+3. starts ``monailabel start_server`` in this process, bound to 127.0.0.1 unless told otherwise,
+   with the app options that keep it off the network: ``zoo_source`` other than ``monaihosting``
+   (no model-zoo listing; bundles come from ``model/``), ``sam2 false`` (no SAM2 models, whose
+   weights would be downloaded on first use) and ``skip_trainers true``.
+
+Errors that stop the start (no studies folder, no bundle with weights, monailabel missing) are
+one ``error:`` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "APP_CONF",
+    "DEFAULT_APP_DIR",
+    "DEFAULT_BUNDLES_DIR",
+    "LabelServerError",
+    "ServedBundle",
+    "check_bundle",
+    "find_bundles",
+    "main",
+    "prepare_app",
+    "sample_app_dir",
+    "server_argv",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLES_DIR = REPO_ROOT / "bundles"
+DEFAULT_APP_DIR = REPO_ROOT / "build" / "monailabel"
+SAMPLE_APP = "monaibundle"
+
+# Options of the monaibundle sample app (``--conf key value``).
+APP_CONF = {
+    # Anything but "monaihosting": the app then takes each model from <app>/model/<name> and only
+    # falls back to a download for names that are not there (ours always are). "local" is no
+    # download source at all, so a missing folder fails instead of fetching.
+    "zoo_source": "local",
+    # The app adds SAM2 models when the sam2 package is importable (it is a monailabel
+    # dependency); their checkpoints are fetched from the internet on first use.
+    "sam2": "false",
+    # Training runs through `python -m samora_components train`, not through the label server.
+    "skip_trainers": "true",
+    "preload": "false",
+}
+
+
+class LabelServerError(Exception):
+    """A reason not to start the server; the message is one line for the user."""
+
+
+@dataclass
+class ServedBundle:
+    """A bundle folder that the server will offer as model ``name``."""
+
+    path: Path
+    name: str
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+def _bundle_folders(paths: list[str] | None) -> list[Path]:
+    if paths:
+        folders = [Path(p).expanduser() for p in paths]
+        for folder in folders:
+            if not (folder / "configs" / "inference.yaml").is_file():
+                raise LabelServerError(f"{folder}: not a SAMora bundle (no configs/inference.yaml)")
+        return folders
+    if not DEFAULT_BUNDLES_DIR.is_dir():
+        raise LabelServerError(f"{DEFAULT_BUNDLES_DIR}: no bundles folder; pass --bundles")
+    return sorted(p for p in DEFAULT_BUNDLES_DIR.iterdir() if (p / "configs" / "inference.yaml").is_file())
+
+
+def find_bundles(paths: list[str] | None = None) -> tuple[list[ServedBundle], list[str]]:
+    """Bundles that have ``models/model.pt``, and one message for each bundle left out."""
+    served: list[ServedBundle] = []
+    skipped: list[str] = []
+    for folder in _bundle_folders(paths):
+        if not (folder / "models" / "model.pt").is_file():
+            skipped.append(f"skip: {folder}: no models/model.pt (train the bundle first)")
+            continue
+        served.append(ServedBundle(path=folder.resolve(), name=folder.resolve().name))
+    names = [b.name for b in served]
+    doubles = sorted({n for n in names if names.count(n) > 1})
+    if doubles:
+        raise LabelServerError(f"two bundles share the model name {doubles[0]!r}; serve one of them")
+    return served, skipped
+
+
+def _labels(bundle: Path) -> dict[str, int]:
+    """Foreground labels as MONAI Label reads them: ``channel_def`` of the first output."""
+    with open(bundle / "configs" / "metadata.json") as handle:
+        metadata = json.load(handle)
+    outputs = metadata.get("network_data_format", {}).get("outputs", {})
+    if not outputs:
+        raise LabelServerError("metadata.json has no network_data_format outputs")
+    channels = next(iter(outputs.values())).get("channel_def", {})
+    labels = {str(v).lower(): int(k) for k, v in channels.items() if str(v).lower() != "background"}
+    if not labels:
+        raise LabelServerError("metadata.json output has no channel_def labels")
+    return labels
+
+
+def check_bundle(bundle: ServedBundle) -> None:
+    """Build the network as the server will, and load the weights strictly.
+
+    MONAI Label loads ``model.pt`` with ``strict=False``; weights made for another architecture
+    would then be served half-loaded. This check refuses them before the server starts.
+    """
+    import torch
+    from monai.bundle import ConfigParser
+
+    bundle.labels = _labels(bundle.path)
+    parser = ConfigParser()
+    parser.read_config(str(bundle.path / "configs" / "inference.yaml"))
+    parser.config.update({"bundle_root": str(bundle.path)})
+    for key in ("network_def", "preprocessing", "inferer", "postprocessing"):
+        if key not in parser.config:
+            raise LabelServerError(f"configs/inference.yaml has no '{key}'")
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    try:
+        state = torch.load(bundle.path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files
+        raise LabelServerError(f"models/model.pt does not load as a plain state dict ({_first_line(err)})") from err
+    if not isinstance(state, dict):
+        raise LabelServerError("models/model.pt is not a state dict")
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise LabelServerError(
+            f"models/model.pt does not fit the network of models/model.json ({_first_line(err)})"
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def sample_app_dir() -> Path:
+    """The monaibundle sample app that the monailabel wheel installs under ``sys.prefix``."""
+    try:
+        import monailabel
+    except ImportError as err:
+        raise LabelServerError(
+            "monailabel is not installed in this Python; run `make label-server` (it builds .venv-label)"
+        ) from err
+    package_parent = Path(monailabel.__file__).resolve().parents[1]
+    candidates = [
+        Path(sys.prefix) / "monailabel" / "sample-apps" / SAMPLE_APP,
+        Path(sys.prefix) / "local" / "monailabel" / "sample-apps" / SAMPLE_APP,
+        package_parent / "sample-apps" / SAMPLE_APP,
+    ]
+    for candidate in candidates:
+        if (candidate / "main.py").is_file():
+            return candidate
+    raise LabelServerError(f"the {SAMPLE_APP} sample app of monailabel was not found under {sys.prefix}")
+
+
+def prepare_app(app_dir: str | Path, bundles: list[ServedBundle], sample: str | Path | None = None) -> Path:
+    """Write the app folder: the sample app's code plus ``model/<name>`` links to the bundles.
+
+    The app code is refreshed on every start; ``logs/`` is kept. Links left from earlier starts
+    are removed, so only the bundles served now are in ``model/``.
+    """
+    app = Path(app_dir).resolve()
+    source = Path(sample) if sample else sample_app_dir()
+    app.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, app, dirs_exist_ok=True, ignore=shutil.ignore_patterns("logs", "model", "__pycache__"))
+    models = app / "model"
+    models.mkdir(exist_ok=True)
+    for entry in models.iterdir():
+        if entry.is_symlink():
+            entry.unlink()
+        elif entry.name in {b.name for b in bundles}:
+            raise LabelServerError(f"{entry} is a real folder, not a link left by this tool; move it away")
+    for bundle in bundles:
+        (models / bundle.name).symlink_to(bundle.path, target_is_directory=True)
+    return app
+
+
+def server_argv(app: Path, studies: Path, bundles: list[ServedBundle], host: str, port: int) -> list[str]:
+    """``monailabel start_server`` arguments."""
+    conf = dict(APP_CONF, models=",".join(b.name for b in bundles))
+    argv = ["monailabel", "start_server", "--app", str(app), "--studies", str(studies)]
+    argv += ["--host", host, "--port", str(port)]
+    for key, value in conf.items():
+        argv += ["--conf", key, value]
+    return argv
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m samora_components.label_server",
+        description="Start a MONAI Label server on a folder of NIfTI studies with the SAMora bundles as models.",
+    )
+    parser.add_argument("--studies", required=True, help="folder of NIfTI volumes (*.nii.gz, *.nii)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--bundles", nargs="+", default=None, help="bundle folders to serve (default: bundles/*)")
+    parser.add_argument("--app-dir", default=str(DEFAULT_APP_DIR), help=f"app folder (default {DEFAULT_APP_DIR})")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check and prepare everything, print the server command, do not serve"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        studies = Path(args.studies).expanduser()
+        if not studies.is_dir():
+            raise LabelServerError(f"{studies}: no such folder (STUDIES must be a folder of NIfTI volumes)")
+        if not 0 < args.port < 65536:
+            raise LabelServerError(f"port {args.port} is out of range")
+        sample = sample_app_dir()
+        bundles, skipped = find_bundles(args.bundles)
+        for line in skipped:
+            print(line, file=sys.stderr)
+        checked = []
+        for bundle in bundles:
+            try:
+                check_bundle(bundle)
+                checked.append(bundle)
+            except LabelServerError as err:
+                print(f"skip: {bundle.path}: {err}", file=sys.stderr)
+        if not checked:
+            raise LabelServerError(
+                "no bundle with usable models/model.pt to serve; train one first (see docs/monailabel.md)"
+            )
+        app = prepare_app(args.app_dir, checked, sample)
+    except LabelServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    volumes = [p for p in studies.iterdir() if p.name.endswith((".nii.gz", ".nii"))]
+    if not volumes:
+        print(f"warning: {studies} has no .nii/.nii.gz files yet; a client can upload images", file=sys.stderr)
+    if not _is_loopback(args.host):
+        print(
+            f"warning: binding {args.host}: anyone who can reach this machine can read the studies and run the "
+            "models (MONAI Label has no authentication by default)",
+            file=sys.stderr,
+        )
+    for bundle in checked:
+        print(f"serving {bundle.name} from {bundle.path} (labels: {', '.join(bundle.labels)})", file=sys.stderr)
+    command = server_argv(app, studies.resolve(), checked, args.host, args.port)
+    print(f"MONAI Label on http://{args.host}:{args.port}/ ; studies {studies.resolve()}", file=sys.stderr)
+    if args.dry_run:
+        print(" ".join(command))
+        return 0
+    from monailabel.main import Main
+
+    sys.argv = command
+    Main().run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""A real MONAI Label server serving the CT bundle, called over HTTP as a client (3D Slicer) would.
+
+The server runs in the label environment (.venv-label) on a free 127.0.0.1 port; this test process
+is only its client. It takes a few minutes on a CPU, so it runs with `make test-label` (which
+builds .venv-label first and sets SAMORA_LABEL_TEST=1) and is skipped by a plain `make test`.
+
+The served bundle is a copy of bundles/samora_ct with a small untrained network (LiteMedSAM at
+64 px, SAMed): the test checks the plumbing, not accuracy.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LABEL_PYTHON = Path(os.environ.get("SAMORA_LABEL_PYTHON", REPO / ".venv-label" / "bin" / "python"))
+STARTUP_TIMEOUT_S = 600
+REQUEST_TIMEOUT_S = 600
+MODEL = "samora_ct"
+STUDY = "case01"
+
+pytestmark = [
+    pytest.mark.skipif(
+        os.environ.get("SAMORA_LABEL_TEST") != "1",
+        reason="MONAI Label server test: run `make test-label` (or set SAMORA_LABEL_TEST=1)",
+    ),
+    pytest.mark.skipif(
+        not LABEL_PYTHON.is_file(),
+        reason=f"MONAI Label environment {LABEL_PYTHON} is absent: `make test-label` builds it",
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _make_bundle(root: Path) -> tuple[Path, dict[str, int]]:
+    """Copy of the CT bundle's configs with a small network's weights and model card."""
+    import torch
+
+    from samora_components.network import SAMoraNet
+
+    bundle = root / MODEL
+    shutil.copytree(REPO / "bundles" / MODEL / "configs", bundle / "configs")
+    (bundle / "models").mkdir()
+    card = {"method": "samed", "backbone": "litemedsam", "backbone_checkpoint": None, "img_size": 64, "num_classes": 9}
+    (bundle / "models" / "model.json").write_text(json.dumps(card))
+    torch.manual_seed(0)
+    net = SAMoraNet(num_classes=9, backbone="litemedsam", img_size=64, method="samed")
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    channel_def = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
+    return bundle, {name: int(index) for index, name in channel_def.items()}
+
+
+def _make_study(folder: Path) -> Path:
+    """A small phantom CT whose axes are permuted and flipped relative to RAS."""
+    from samora_components.phantom import make_ct_case
+
+    folder.mkdir()
+    image, _ = make_ct_case(np.random.default_rng(0), shape=(48, 40, 12), spacing=(8.0, 9.6, 20.0))
+    affine = np.array(
+        [[-8.0, 0.0, 0.0, 100.0], [0.0, 0.0, -20.0, 50.0], [0.0, -9.6, 0.0, 30.0], [0.0, 0.0, 0.0, 1.0]]
+    )
+    path = folder / f"{STUDY}.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.int16), affine), str(path))
+    return path
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=REQUEST_TIMEOUT_S) as response:
+        return json.loads(response.read())
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("monailabel")
+    bundle, classes = _make_bundle(root / "bundles")
+    untrained = root / "bundles" / "samora_mr"  # configs but no weights: must be skipped
+    shutil.copytree(bundle / "configs", untrained / "configs")
+    study = _make_study(root / "studies")
+    port = _free_port()
+    log_path = root / "server.log"
+    env = dict(os.environ, MONAI_LABEL_SESSION_PATH=str(root / "sessions"), PYTHONUNBUFFERED="1")
+    command = [
+        str(LABEL_PYTHON), "-m", "samora_components.label_server",
+        "--studies", str(root / "studies"), "--port", str(port),
+        "--bundles", str(bundle), str(untrained), "--app-dir", str(root / "app"),
+    ]  # fmt: skip
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+            if time.monotonic() - started > STARTUP_TIMEOUT_S:
+                pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+            try:
+                _get_json(f"{url}/info/")
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1.0)
+        print(f"MONAI Label ready after {time.monotonic() - started:.0f} s", file=sys.stderr)
+        yield {"url": url, "study": study, "bundle": bundle, "classes": classes, "log": log_path, "port": port}
+    finally:
+        _stop(process)
+    assert process.poll() is not None, "server still running after SIGKILL"
+    assert not _port_open(port), f"port {port} still open after the server stopped"
+
+
+def test_info_lists_the_bundle_and_its_labels(server):
+    info = _get_json(f"{server['url']}/info/")
+    assert set(info["models"]) == {MODEL}  # the weightless bundle is not served, and no SAM2 models
+    model = info["models"][MODEL]
+    assert model["type"] == "segmentation"
+    foreground = {name: index for name, index in server["classes"].items() if name != "background"}
+    assert model["labels"] == foreground
+    assert info["trainers"] == {}
+    assert info["datastore"]["total"] == 1
+    log = server["log"].read_text()
+    assert "skip:" in log and "samora_mr" in log and "models/model.pt" in log
+
+
+def test_infer_returns_a_label_volume_on_the_study_grid(server, tmp_path):
+    # the request 3D Slicer's MONAI Label module sends: study id in the query, options as a form field
+    query = urllib.parse.urlencode({"image": STUDY})
+    boundary = uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n"
+        f"{json.dumps({'client_id': 'samora-test'})}\r\n--{boundary}--\r\n"
+    ).encode()
+    request = urllib.request.Request(
+        f"{server['url']}/infer/{MODEL}?{query}",
+        data=body,
+        method="POST",
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+        assert response.status == 200
+        content_type = response.headers["Content-Type"]
+        payload = response.read()
+    assert content_type.startswith("multipart/form-data")
+    message = email.message_from_bytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + payload, policy=email.policy.HTTP
+    )
+    parts = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
+    assert set(parts) >= {"params", "image"}
+    params = json.loads(parts["params"].get_payload(decode=True))
+    assert params["label_names"] == {k: v for k, v in server["classes"].items() if k != "background"}
+    label_file = tmp_path / parts["image"].get_filename()
+    assert label_file.name.endswith(".nii.gz")
+    label_file.write_bytes(parts["image"].get_payload(decode=True))
+
+    study = nib.load(str(server["study"]))
+    label = nib.load(str(label_file))
+    values = np.asarray(label.dataobj)
+    assert label.shape == study.shape
+    assert set(np.unique(values).tolist()) <= set(server["classes"].values())
+    np.testing.assert_allclose(label.affine, study.affine, atol=1e-3)
+
+    # the server's answer is what `python -m samora_components infer` gives for the same bundle
+    from samora_components.inference import BundlePredictor
+
+    expected = BundlePredictor.from_bundle(server["bundle"])(str(server["study"]))
+    assert (values == expected).mean() > 0.99
