@@ -4,9 +4,10 @@
 prints one JSON object:
 
 * ``samed`` / ``samora``: per-slice latency (median over ``repeats`` timed forward passes after
-  ``warmup`` untimed ones), FLOPs per slice (counted by ``torch.utils.flop_counter``), achieved
+  ``warmup`` untimed ones; the two models alternate, so both see the same machine conditions), FLOPs per slice (counted by ``torch.utils.flop_counter``), achieved
   GFLOP/s, total and stage-2 trainable parameter counts;
-* ``latency_ratio`` and ``flop_ratio`` (SAMora / SAMed);
+* ``latency_ratio`` (ratio of the medians), ``latency_ratio_per_round`` (median/min/max of the
+  ratios of back-to-back runs) and ``flop_ratio`` (SAMora / SAMed);
 * ``matmul_peak_gflops``: the best rate of a large square matmul in the same dtype, timed in the
   same run, and each model's ``fraction_of_peak``.
 
@@ -93,20 +94,30 @@ def benchmark(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "fp32", 
     result["img_size"] = size
     x = torch.rand(batch, 1, size, size)
     peak = matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    with torch.inference_mode():  # interleaved, so that both models see the same machine conditions
+        for _ in range(warmup):
+            for net in nets.values():
+                net(x)
+        times: dict[str, list[float]] = {m: [] for m in nets}
+        for _ in range(repeats):
+            for method, net in nets.items():
+                start = time.perf_counter()
+                net(x)
+                times[method].append(time.perf_counter() - start)
     for method, net in nets.items():
-        with torch.inference_mode():
-            times = _timed(lambda: net(x), warmup, repeats)
-        median = statistics.median(times)
+        median = statistics.median(times[method])
         flops = _flops(net, x)
         result[method] = {
             "latency_ms_per_slice": 1e3 * median / batch,
-            "latency_ms_per_batch": {"median": 1e3 * median, "min": 1e3 * min(times), "max": 1e3 * max(times)},
+            "latency_ms_per_batch": {"median": 1e3 * median, "min": 1e3 * min(times[method]), "max": 1e3 * max(times[method])},
             "gflop_per_slice": flops / batch / 1e9,
             "gflops_achieved": flops / median / 1e9,
             "fraction_of_peak": flops / median / 1e9 / peak,
             "params_total": sum(p.numel() for p in net.parameters()),
             "params_trainable": sum(p.numel() for p in net.trainable_parameters()),
         }
+    ratios = [a / b for a, b in zip(times["samora"], times["samed"])]
+    result["latency_ratio_per_round"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     result["latency_ratio"] = result["samora"]["latency_ms_per_slice"] / result["samed"]["latency_ms_per_slice"]
     result["flop_ratio"] = result["samora"]["gflop_per_slice"] / result["samed"]["gflop_per_slice"]
     result["params_added_by_samora"] = result["samora"]["params_total"] - result["samed"]["params_total"]

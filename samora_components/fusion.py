@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.image_encoder import get_rel_pos
+from segment_anything.modeling.image_encoder import add_decomposed_rel_pos, get_rel_pos
 from torch import nn
 
 from .lora import LEVELS, LoRAExpert, QKVRows, qkv_rows
@@ -68,7 +68,7 @@ class CrossAttention(nn.Module):
     """Multi-head cross-attention in a bottleneck width.
 
     (B, N, C) queries and (B, M, C) keys/values -> (B, N, C). Both inputs are layer-normalised;
-    q/k/v project C -> width, the output projects width -> C.
+    q/k/v project C -> width (k and v in one product), the output projects width -> C.
     """
 
     def __init__(self, dim: int, width: int = 128, heads: int = 4) -> None:
@@ -79,17 +79,14 @@ class CrossAttention(nn.Module):
         self.norm_q = nn.LayerNorm(dim)
         self.norm_kv = nn.LayerNorm(dim)
         self.q = nn.Linear(dim, width)
-        self.k = nn.Linear(dim, width)
-        self.v = nn.Linear(dim, width)
+        self.kv = nn.Linear(dim, 2 * width)  # keys and values of the same context: one product
         self.out = nn.Linear(width, dim)
 
     def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, n, _ = query.shape
         m = context.shape[1]
-        kv = self.norm_kv(context)
         q = self.q(self.norm_q(query)).view(b, n, self.heads, -1).transpose(1, 2)
-        k = self.k(kv).view(b, m, self.heads, -1).transpose(1, 2)
-        v = self.v(kv).view(b, m, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(self.norm_kv(context)).view(b, m, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(q, k, v)
         return self.out(o.transpose(1, 2).reshape(b, n, -1))
 
@@ -248,16 +245,36 @@ class ExpertAttention(nn.Module):
     Accepts and returns what the replaced module does: (B, H, W, C) for SAM's ViT attention,
     (B, N, C) for TinyViT's (which normalises its input itself).
 
+    The base and the E expert variants share one ``qkv`` projection of the input; the experts add
+    their low-rank q/v updates (two small matmuls for all experts), the keys are shared, and the
+    V = 1 + E attention outputs go through the output projection in one matmul. The attention core
+    runs with one of two kernels, which give the same result:
+
+    * ``"fused"``: one ``scaled_dot_product_attention`` call over all variants (SAM's relative
+      position bias folded into extra q/k channels); best where a fused kernel is fast (GPUs).
+    * ``"chunked"``: projections over the whole batch, but each variant's queries/values and its
+      attention (SAM's own product, bias and softmax) a few images at a time, sized to stay in
+      cache, written straight into the output projection's input; much faster on CPUs, where
+      memory traffic rather than arithmetic limits the extra variants.
+    * ``"auto"`` (default): ``fused`` on CUDA, ``chunked`` elsewhere.
+
     Args:
         base: the frozen attention module (its ``qkv``, ``proj`` and position terms are used).
         levels: expert levels, one :class:`LoRAExpert` each.
         fusion: a module from :func:`build_fusion`.
         rank: expert rank.
+        kernel: ``"auto"``, ``"fused"`` or ``"chunked"``.
     """
 
-    def __init__(self, base: nn.Module, levels: tuple[str, ...], fusion: nn.Module, rank: int = 4) -> None:
+    #: working set of one chunk of the ``chunked`` kernel (bytes)
+    chunk_bytes = 4 << 20
+
+    def __init__(self, base: nn.Module, levels: tuple[str, ...], fusion: nn.Module, rank: int = 4, kernel: str = "auto") -> None:
         super().__init__()
+        if kernel not in ("auto", "fused", "chunked"):
+            raise ValueError(f"kernel must be auto, fused or chunked, got {kernel!r}")
         self.base = base
+        self.kernel = kernel
         self.vit = not hasattr(base, "key_dim")
         rows: QKVRows = qkv_rows(base)
         self.geometry = (rows.num_heads, rows.dq, rows.dv)
@@ -270,6 +287,13 @@ class ExpertAttention(nn.Module):
         )
         self.fusion = fusion
         self.gate = nn.Parameter(torch.zeros(()))
+
+    # -- attention cores: q (V, B, h, N, dq), k (B, h, N, dq), v (V, B, h, N, dv) -> (V, B, h, N, dv)
+    def _bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """TinyViT's learned attention bias (h, N, N)."""
+        base = self.base
+        bias = base.attention_biases[:, base.attention_bias_idxs] if base.training or not hasattr(base, "ab") else base.ab
+        return bias.to(dtype)
 
     def _rel_pos_terms(self, q: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """SAM's decomposed relative-position bias written as extra q/k channels.
@@ -292,6 +316,123 @@ class ExpertAttention(nn.Module):
         k_extra = torch.cat([F.one_hot(ys, hh), F.one_hot(xs, ww)], dim=-1).to(q.dtype)
         return torch.cat([rel_h, rel_w], dim=-1), k_extra
 
+    def _fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        base = self.base
+        nv, b, heads, n, dq = q.shape
+        dv = v.shape[-1]
+        q, v = q.reshape(nv * b, heads, n, dq), v.reshape(nv * b, heads, n, dv)
+        mask, scale = None, base.scale
+        if not self.vit:
+            mask = self._bias(q.dtype)
+        elif base.use_rel_pos:
+            q_extra, k_extra = self._rel_pos_terms(q, hw)
+            q = torch.cat([q * scale, q_extra], dim=-1)
+            k = torch.cat([k, k_extra.expand(b, heads, -1, -1)], dim=-1)
+            scale = 1.0
+        k = k.unsqueeze(0).expand(nv, -1, -1, -1, -1).reshape(nv * b, heads, n, -1)
+        if q.shape[-1] != dv:  # the fused kernels want equal q/k and v widths
+            v = F.pad(v, (0, q.shape[-1] - dv))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :dv]
+        return out.view(nv, b, heads, n, dv)
+
+    def _low_rank(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs of every expert's q/v update: z (B, N, 2, E, r) = A u and the stacked B matrices."""
+        experts = [self.experts[lv] for lv in self.levels]
+        b, n, _ = u.shape
+        z = F.linear(u, torch.cat([e.a_q for e in experts] + [e.a_v for e in experts]))
+        z = z.view(b, n, 2, len(experts), experts[0].rank)
+        return z[:, :, 0], z[:, :, 1], torch.stack([e.b_q for e in experts]), torch.stack([e.b_v for e in experts])
+
+    def _fuse(self, out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Projected variants (V, B, N, C) -> a0 + gate * fusion of the expert deltas."""
+        a0 = out[0]
+        deltas = {lv: out[i + 1] - a0 for i, lv in enumerate(self.levels)}
+        return a0 + self.gate * self.fusion(deltas, u)
+
+    def _site_fused(self, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """All variants in one fused attention call (tokens u (B, N, C) -> (B, N, C))."""
+        base = self.base
+        b, n, _ = u.shape
+        heads, dq, dv = self.geometry
+        nv = 1 + len(self.levels)
+        q0, k, v0 = self._split(base.qkv(u))
+        zq, zv, bq, bv = self._low_rank(u)
+        bq, bv = bq.to(q0.dtype), bv.to(q0.dtype)
+        q = torch.cat([q0.unsqueeze(0), q0 + torch.einsum("bner,eor->ebno", zq, bq)])
+        v = torch.cat([v0.unsqueeze(0), v0 + torch.einsum("bner,eor->ebno", zv, bv)])
+        q = q.view(nv, b, n, heads, dq).transpose(2, 3)  # (V, B, h, N, dq)
+        v = v.view(nv, b, n, heads, dv).transpose(2, 3)
+        k = k.reshape(b, n, heads, dq).transpose(1, 2)  # (B, h, N, dq), shared by every variant
+        o = self._fused(q, k, v, hw)
+        return self._fuse(base.proj(o.transpose(2, 3).reshape(nv, b, n, heads * dv)), u)
+
+    def _site_chunked(self, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Projections over the whole batch; attention a few images at a time (so that a chunk stays
+        in cache), written straight into the input of the one output projection.
+
+        An expert's queries differ from the base queries by a rank-r term, q_e = q_0 + z_e B_e^T, so
+        its logits are the base logits (SAM's product, bias and softmax inputs) plus a rank-r
+        product ``z_e (B_e^T k^T)`` and, for SAM's decomposed position bias, the bias of that
+        low-rank term: exact, and r/d of the cost of a full product per expert.
+        """
+        base = self.base
+        b, n, c = u.shape
+        heads, dq, dv = self.geometry
+        nv, ne = 1 + len(self.levels), len(self.levels)
+        q0, k, v0 = self._split(base.qkv(u))
+        zq, zv, bq, bv = self._low_rank(u)  # zq (B, N, E, r), bq (E, nq, r)
+        bq, bv = bq.to(q0.dtype), bv.to(q0.dtype)  # einsum is not autocast: match the activations
+        rank = zq.shape[-1]
+        bq_heads = bq.view(ne, heads, dq, rank)
+        rel = self.vit and base.use_rel_pos
+        if rel:  # the position tables seen through every expert's B: (E, h, H, H, r) and (E, h, W, W, r)
+            rh = get_rel_pos(hw[0], hw[0], base.rel_pos_h)
+            rw = get_rel_pos(hw[1], hw[1], base.rel_pos_w)
+            th = torch.einsum("ehdr,ykd->ehykr", bq_heads, rh.to(bq.dtype)).to(zq.dtype)
+            tw = torch.einsum("ehdr,xkd->ehxkr", bq_heads, rw.to(bq.dtype)).to(zq.dtype)
+        step = max(1, self.chunk_bytes // (nv * (heads * n * n + 4 * n * c) * 4))
+        attended = u.new_empty(nv, b, n, heads * dv) if not torch.is_grad_enabled() else None
+        pieces = []
+        for start in range(0, b, step):
+            rows = slice(start, start + step)
+            m = q0[rows].shape[0]
+            qh = q0[rows].reshape(m, n, heads, dq).transpose(1, 2)  # (m, h, N, dq)
+            kh = k[rows].reshape(m, n, heads, dq).transpose(1, 2)
+            base_logits = (qh * base.scale) @ kh.transpose(-2, -1)  # (m, h, N, N)
+            if rel:  # SAM's decomposed bias, on the unscaled queries
+                base_logits = add_decomposed_rel_pos(
+                    base_logits.view(m * heads, n, n), qh.reshape(m * heads, n, dq), base.rel_pos_h, base.rel_pos_w, hw, hw
+                ).view(m, heads, n, n)
+            elif not self.vit:  # TinyViT's learned bias
+                base_logits = base_logits + self._bias(base_logits.dtype)
+            # experts: (E, m, 1, N, r) @ (E, m, h, r, N) low-rank logit updates, added in place
+            g = torch.einsum("ehdr,mhnd->emhrn", bq_heads, kh) * base.scale
+            z = zq[rows].permute(2, 0, 1, 3).unsqueeze(2)
+            logits = (z @ g).add_(base_logits)  # (E, m, h, N, N)
+            if rel:
+                zg = z.view(ne, m, hw[0], hw[1], rank)
+                grid = logits.view(ne, m, heads, hw[0], hw[1], hw[0], hw[1])
+                grid.add_(torch.einsum("emyxr,ehykr->emhyxk", zg, th)[..., None])
+                grid.add_(torch.einsum("emyxr,ehxkr->emhyxk", zg, tw)[..., None, :])
+            v0h = v0[rows].reshape(m, n, heads, dv).transpose(1, 2)
+            ve = v0[rows] + torch.einsum("bner,eor->ebno", zv[rows], bv)  # (E, m, N, nv)
+            veh = ve.view(ne, m, n, heads, dv).transpose(2, 3)
+            o_base = (base_logits.softmax(dim=-1) @ v0h).transpose(1, 2).reshape(1, m, n, heads * dv)
+            o_experts = (logits.softmax(dim=-1) @ veh).transpose(2, 3).reshape(ne, m, n, heads * dv)
+            if attended is not None:
+                attended[0, rows] = o_base[0]
+                attended[1:, rows] = o_experts
+            else:
+                pieces.append(torch.cat([o_base, o_experts]))
+        if attended is None:  # autograd: assemble instead of writing into a buffer
+            attended = torch.cat(pieces, dim=1)
+        return self._fuse(base.proj(attended), u)
+
+    def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.vit:  # [q | k | v]: views, no gather
+            return qkv.chunk(3, dim=-1)
+        return qkv[..., self.q_rows], qkv[..., self.k_rows], qkv[..., self.v_rows]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
         if self.vit:
@@ -302,40 +443,6 @@ class ExpertAttention(nn.Module):
             u = base.norm(x)
             b, _, c = u.shape
             hw = (0, 0)
-        n = u.shape[1]
-        heads, dq, dv = self.geometry
-        nv = 1 + len(self.levels)
-        qkv = base.qkv(u)
-        if self.vit:  # [q | k | v]: views, no gather
-            q0, k, v0 = qkv.chunk(3, dim=-1)
-        else:
-            q0, k, v0 = qkv[..., self.q_rows], qkv[..., self.k_rows], qkv[..., self.v_rows]
-        # all experts' low-rank updates in two small matmuls: (E, B, N, nq) and (E, B, N, nv)
-        experts = [self.experts[lv] for lv in self.levels]
-        rank = experts[0].rank
-        z = F.linear(u, torch.cat([e.a_q for e in experts] + [e.a_v for e in experts]))
-        z = z.view(b, n, 2, len(experts), rank)
-        dq_all = torch.einsum("bner,eor->ebno", z[:, :, 0], torch.stack([e.b_q for e in experts]))
-        dv_all = torch.einsum("bner,eor->ebno", z[:, :, 1], torch.stack([e.b_v for e in experts]))
-        q = torch.cat([q0.unsqueeze(0), q0 + dq_all]).view(nv * b, n, heads, dq).transpose(1, 2)  # (V*B, h, N, dq)
-        vv = torch.cat([v0.unsqueeze(0), v0 + dv_all]).view(nv * b, n, heads, dv).transpose(1, 2)
-        k = k.view(b, n, heads, dq).transpose(1, 2)  # shared by every variant
-        mask, scale = None, base.scale
-        if not self.vit:
-            mask = base.attention_biases[:, base.attention_bias_idxs] if base.training or not hasattr(base, "ab") else base.ab
-            mask = mask.to(q.dtype)
-        elif base.use_rel_pos:
-            q_extra, k_extra = self._rel_pos_terms(q, hw)
-            q = torch.cat([q * scale, q_extra], dim=-1)
-            k = torch.cat([k, k_extra.expand(b, heads, -1, -1)], dim=-1)
-            scale = 1.0
-        k = k.unsqueeze(0).expand(nv, -1, -1, -1, -1).reshape(nv * b, heads, n, -1)
-        if q.shape[-1] != dv:  # the fused attention kernels want equal q/k and v widths
-            vv = F.pad(vv, (0, q.shape[-1] - dv))
-        o = F.scaled_dot_product_attention(q, k, vv, attn_mask=mask, scale=scale)[..., :dv]
-        o = o.transpose(1, 2).reshape(nv, b, n, heads * dv)
-        out = base.proj(o)  # (V, B, N, C)
-        a0 = out[0]
-        deltas = {lv: out[i + 1] - a0 for i, lv in enumerate(self.levels)}
-        fused = a0 + self.gate * self.fusion(deltas, u)
+        kernel = self.kernel if self.kernel != "auto" else ("fused" if x.is_cuda else "chunked")
+        fused = self._site_fused(u, hw) if kernel == "fused" else self._site_chunked(u, hw)
         return fused.view(b, hh, ww, -1) if self.vit else fused

@@ -60,6 +60,8 @@ class SAMoraNet(nn.Module):
         fusion: ``"hl_attn"``, ``"lac"``, ``"lorahub"`` or ``"mole"``.
         fusion_order / fusion_width / fusion_heads: HL-Attn configuration.
         in_channels: 1 (repeated to RGB) or 3.
+        attention_kernel: how ``samora`` sites compute their attention variants: ``"auto"``,
+            ``"fused"`` or ``"chunked"`` (see :class:`samora_components.fusion.ExpertAttention`).
         precision: ``"fp32"`` or ``"bf16"`` (autocast inside the forward: matrix products and
             convolutions in bfloat16, logits returned in float32; fast on CPUs with AMX and on GPUs).
 
@@ -83,6 +85,7 @@ class SAMoraNet(nn.Module):
         fusion_heads: int = 4,
         in_channels: int = 1,
         precision: str = "fp32",
+        attention_kernel: str = "auto",
     ) -> None:
         super().__init__()
         if precision not in PRECISIONS:
@@ -111,10 +114,18 @@ class SAMoraNet(nn.Module):
             for attn in bb.attention_sites():
                 dim = attn.qkv.in_features if not hasattr(attn, "key_dim") else attn.norm.normalized_shape[0]
                 fuse = build_fusion(fusion, dim, levels, fusion_order, fusion_width, fusion_heads)
-                site = ExpertAttention(attn, levels, fuse, rank)
+                site = ExpertAttention(attn, levels, fuse, rank, attention_kernel)
                 _replace(self.encoder, attn, site)
                 self.sites.append(site)
             base_keys = {self._site_key(k) for k in base_keys}
+        if precision == "bf16":
+            # SAM's attention adds its relative-position bias with einsum, which autocast does not
+            # cover: keep those frozen tables in bfloat16 like the activations they meet
+            for attn in self.encoder.modules():
+                for name in ("rel_pos_h", "rel_pos_w"):
+                    table = getattr(attn, name, None)
+                    if isinstance(table, nn.Parameter):
+                        table.data = table.data.to(torch.bfloat16)
         cfg = bb.config
         self.decoder = PromptFreeDecoder(
             num_classes, cfg.out_chans, bb.prompt_encoder, cfg.decoder_depth, cfg.decoder_mlp_dim,

@@ -32,19 +32,22 @@ def test_gate_zero_gives_the_frozen_encoder(backbone):
         assert not torch.allclose(net.embed(x), ref.embed(x), atol=1e-3)
 
 
+@pytest.mark.parametrize("kernel", ["fused", "chunked"])
 @pytest.mark.parametrize("backbone", ["tiny_vit", "tiny_tinyvit", "litemedsam"])
-def test_expert_deltas_equal_separately_adapted_attention(backbone):
+def test_expert_deltas_equal_separately_adapted_attention(backbone, kernel):
     """d_e from the batched call equals Attn with the expert merged into qkv, minus base Attn."""
     size = 64
-    net = SAMoraNet(3, backbone=backbone, img_size=size, checkpoint=None if backbone == "litemedsam" else "", method="samora").eval()
+    net = SAMoraNet(3, backbone=backbone, img_size=size, checkpoint=None if backbone == "litemedsam" else "",
+                    method="samora", attention_kernel=kernel).eval()
+    assert all(site.kernel == kernel for site in net.sites)
     _randomise_experts(net, std=0.5)
     captured = {}
     site = net.sites[-1]
 
-    class Grab(torch.nn.Module):
+    class Grab(torch.nn.Module):  # the chunked kernel calls the fusion once per image chunk
         def forward(self, deltas, context):
-            captured.update({k: v.clone() for k, v in deltas.items()})
-            captured["context"] = context
+            for key, value in deltas.items():
+                captured[key] = torch.cat([captured[key], value]) if key in captured else value.clone()
             return deltas["image"]
 
     site.fusion = Grab()
