@@ -1,16 +1,21 @@
 """The ``make demo`` pipeline on the embedded default (synthetic CT phantom, LiteMedSAM backbone).
 
 1. generate the phantom data set (once),
-2. fine-tune the SAMed baseline with the CT bundle's train config (quick CPU profile),
-3. predict and score the phantom test volumes (Dice/HD95 table, CSV/JSON, bar chart, overlays),
-4. segment one NIfTI volume as a user would with ``infer`` and draw an overlay of it.
+2. stage 1, quick: continual pre-training of tiny teachers and the three LoRA experts,
+3. stage 2, quick: fine-tune the SAMed baseline and SAMora with the CT bundle's train config,
+4. predict and score the phantom test volumes with both (Dice/HD95 table, CSV/JSON, bar chart, overlays),
+5. segment one NIfTI volume with SAMora as a user would with ``infer`` and draw an overlay of it.
 
-Everything goes to ``demo_out/`` (the bundle's own ``models/`` is left alone).
+Everything goes to ``demo_out/``. If the CT bundle has no trained model yet, the demo's SAMora
+model is also installed as ``bundles/samora_ct/models/model.pt`` (+ ``model.json``), so that
+``infer --bundle bundles/samora_ct`` and the MONAI Label server work right away; an existing model
+there is never replaced.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -21,20 +26,21 @@ from .evaluate import format_table
 from .inference import BundlePredictor, predict_file
 from .io import read_volume
 from .plots import choose_slices, overlay_grid
-from .workflow import evaluate_bundle, run_config
+from .workflow import evaluate_bundle, pretrain, run_config
 
 logger = logging.getLogger("samora")
 
 BUNDLE = "bundles/samora_ct"
 DATASET = "data/phantom_ct"
+METHODS = ("samed", "samora")
 
 
-def _train(method: str, out: Path, quick: bool, **overrides) -> Path:
+def _train(method: str, out: Path, quick: bool) -> Path:
     """Stage-2 training of ``method`` through the bundle config; returns the weights path."""
     ckpt = out / method
     run_config(
         BUNDLE, "train", run_id="training", quick=quick, dataset_dir=DATASET, method=method,
-        ckpt_dir=str(ckpt), output_dir=str(out / "runs" / method), **overrides,
+        ckpt_dir=str(ckpt), output_dir=str(out / "runs" / method), expert_dir=str(out / "experts"),
     )
     return ckpt / "model.pt"
 
@@ -49,35 +55,71 @@ def _infer_one(weights: Path, image: Path, out: Path) -> tuple[Path, Path]:
     zs = choose_slices(label)
     overlay_grid(
         [volume[..., z] for z in zs], [None] * len(zs), [label[..., z] for z in zs], png,
-        titles=[f"z = {z}" for z in zs], title=f"SAMed prediction: {image.name}",
+        titles=[f"z = {z}" for z in zs], title=f"SAMora prediction: {image.name}",
     )
     return target, png
 
 
+def _install(weights: Path) -> str:
+    """Copy the demo model into the bundle's models/ when it has none; say what happened."""
+    models = Path(BUNDLE) / "models"
+    if (models / "model.pt").exists():
+        return f"kept the existing {models / 'model.pt'}"
+    models.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(weights.with_suffix(".json"), models / "model.json")
+    shutil.copy2(weights, models / "model.pt")
+    return f"installed as {models / 'model.pt'} (phantom-trained: for trying the tools, not for real CT)"
+
+
+def _comparison(summaries: dict[str, dict], minutes: dict[str, float]) -> str:
+    names = list(next(iter(summaries.values()))["classes"])
+    width = max(len(n) for n in names + ["mean Dice", "mean HD95 (vox)"])
+    lines = [f"{'':<{width}}  " + "  ".join(f"{m:>8}" for m in summaries)]
+    for name in names:
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{s['classes'][name]['dice']:>8.4f}" for s in summaries.values()))
+    lines.append(f"{'mean Dice':<{width}}  " + "  ".join(f"{s['mean']['dice']:>8.4f}" for s in summaries.values()))
+    lines.append(f"{'mean HD95 (vox)':<{width}}  " + "  ".join(f"{s['mean']['hd95']:>8.2f}" for s in summaries.values()))
+    lines.append(f"{'training (min)':<{width}}  " + "  ".join(f"{minutes[m]:>8.1f}" for m in summaries))
+    return "\n".join(lines)
+
+
 def main(out: str = "demo_out", quick: bool = True) -> dict:
-    """Run the demo and print where everything went; returns the test summary."""
+    """Run the demo and print where everything went; returns the test summaries by method."""
     start = time.time()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     datalist = ensure_phantom(f"{DATASET}/datalist.json", kind="ct", cases=10, unlabeled=8)
-    print(f"[1/4] phantom data set: {datalist}", flush=True)
-    print("[2/4] fine-tuning the SAMed baseline (litemedsam backbone, quick profile)", flush=True)
-    weights = _train("samed", out_dir, quick)
-    print("[3/4] evaluating on the phantom test volumes", flush=True)
-    eval_dir = out_dir / "samed" / "eval"
-    summary = evaluate_bundle(BUNDLE, datalist, "test", str(eval_dir), str(weights), "transunet", BUNDLE)
-    print("[4/4] segmenting one NIfTI volume", flush=True)
+    print(f"[1/5] phantom data set: {datalist}", flush=True)
+    print("[2/5] stage 1: teachers and the image/patch/pixel experts (quick)", flush=True)
+    pretrain(BUNDLE, "all", quick=quick, dataset_dir=DATASET, expert_dir=str(out_dir / "experts"),
+             teacher_dir=str(out_dir / "teachers"), output_dir=f"$'{out_dir}/runs/pretrain_' + @level")
+    weights, summaries, minutes = {}, {}, {}
+    for method in METHODS:
+        print(f"[3/5] stage 2: {method} (litemedsam backbone, quick profile)", flush=True)
+        began = time.time()
+        weights[method] = _train(method, out_dir, quick)
+        minutes[method] = (time.time() - began) / 60
+    print("[4/5] evaluating both on the phantom test volumes", flush=True)
+    for method in METHODS:
+        summaries[method] = evaluate_bundle(BUNDLE, datalist, "test", str(out_dir / method / "eval"), str(weights[method]),
+                                            "transunet", BUNDLE)
+    print("[5/5] segmenting one NIfTI volume with SAMora", flush=True)
     test_image = Path(read_datalist(datalist, "test")[0]["image"])
-    seg, png = _infer_one(weights, test_image, out_dir)
-    minutes = (time.time() - start) / 60
+    seg, png = _infer_one(weights["samora"], test_image, out_dir)
+    installed = _install(weights["samora"])
     print()
-    print(f"SAMed on the phantom test volumes ({summary['cases']} cases, transunet protocol):")
-    print(format_table(summary))
+    print(f"SAMora on the phantom test volumes ({summaries['samora']['cases']} cases):")
+    print(format_table(summaries["samora"]))
     print()
+    print("SAMed vs SAMora, Dice per organ (same epochs, same data):")
+    print(_comparison(summaries, minutes))
+    print()
+    eval_dir = out_dir / "samora" / "eval"
     print(f"predicted label volume : {seg}")
     print(f"overlay                : {png}")
-    print(f"metrics                : {eval_dir / 'metrics.csv'}, {eval_dir / 'summary.json'}")
+    print(f"metrics                : {eval_dir / 'metrics.csv'}, {eval_dir / 'summary.json'} (SAMed: {out_dir / 'samed' / 'eval'})")
     print(f"bar chart, overlays    : {eval_dir / 'dice_bar.png'}, {eval_dir / 'overlays'}/")
-    print(f"weights                : {weights} (+ model.json)")
-    print(f"wall time              : {minutes:.1f} min")
-    return summary
+    print(f"experts                : {out_dir / 'experts'}/lora_{{image,patch,pixel}}.safetensors")
+    print(f"weights                : {weights['samora']} (+ model.json); bundle model: {installed}")
+    print(f"wall time              : {(time.time() - start) / 60:.1f} min")
+    return summaries

@@ -64,6 +64,17 @@ def parse_order(order: str, levels: tuple[str, ...] = LEVELS) -> list[tuple[str,
     return [(first[0], first[1]), (last, "h")]
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for (..., N, d) queries and (..., M, d) keys/values.
+
+    The fused kernel on GPUs; on CPUs the explicit product and softmax, whose backward pass is much
+    faster there than the fused kernel's.
+    """
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v)
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
+
 class CrossAttention(nn.Module):
     """Multi-head cross-attention in a bottleneck width.
 
@@ -87,7 +98,7 @@ class CrossAttention(nn.Module):
         m = context.shape[1]
         q = self.q(self.norm_q(query)).view(b, n, self.heads, -1).transpose(1, 2)
         k, v = self.kv(self.norm_kv(context)).view(b, m, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v)
+        o = attend(q, k, v)
         return self.out(o.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -266,8 +277,10 @@ class ExpertAttention(nn.Module):
         kernel: ``"auto"``, ``"fused"`` or ``"chunked"``.
     """
 
-    #: working set of one chunk of the ``chunked`` kernel (bytes)
-    chunk_bytes = 4 << 20
+    #: working set of one chunk of the ``chunked`` kernel (bytes): small enough to stay in cache
+    #: for inference; larger when training, where every chunk adds autograd nodes
+    chunk_bytes = 16 << 20
+    chunk_bytes_training = 64 << 20
 
     def __init__(self, base: nn.Module, levels: tuple[str, ...], fusion: nn.Module, rank: int = 4, kernel: str = "auto") -> None:
         super().__init__()
@@ -278,9 +291,6 @@ class ExpertAttention(nn.Module):
         self.vit = not hasattr(base, "key_dim")
         rows: QKVRows = qkv_rows(base)
         self.geometry = (rows.num_heads, rows.dq, rows.dv)
-        self.register_buffer("q_rows", rows.q, persistent=False)
-        self.register_buffer("k_rows", rows.k, persistent=False)
-        self.register_buffer("v_rows", rows.v, persistent=False)
         self.levels = tuple(levels)
         self.experts = nn.ModuleDict(
             {lv: LoRAExpert(base.qkv.in_features, rows.q.numel(), rows.v.numel(), rank) for lv in self.levels}
@@ -390,7 +400,8 @@ class ExpertAttention(nn.Module):
             rw = get_rel_pos(hw[1], hw[1], base.rel_pos_w)
             th = torch.einsum("ehdr,ykd->ehykr", bq_heads, rh.to(bq.dtype)).to(zq.dtype)
             tw = torch.einsum("ehdr,xkd->ehxkr", bq_heads, rw.to(bq.dtype)).to(zq.dtype)
-        step = max(1, self.chunk_bytes // (nv * (heads * n * n + 4 * n * c) * 4))
+        budget = self.chunk_bytes_training if torch.is_grad_enabled() else self.chunk_bytes
+        step = max(1, budget // (nv * (heads * n * n + 4 * n * c) * 4))
         attended = u.new_empty(nv, b, n, heads * dv) if not torch.is_grad_enabled() else None
         pieces = []
         for start in range(0, b, step):
@@ -429,9 +440,14 @@ class ExpertAttention(nn.Module):
         return self._fuse(base.proj(attended), u)
 
     def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.vit:  # [q | k | v]: views, no gather
+        """q, k, v (B, N, h*d) from the fused projection: [q | k | v] for ViT, per head [q_h k_h v_h]
+        for TinyViT (split as views; a row gather would cost an index_put in the backward pass)."""
+        if self.vit:
             return qkv.chunk(3, dim=-1)
-        return qkv[..., self.q_rows], qkv[..., self.k_rows], qkv[..., self.v_rows]
+        heads, dq, dv = self.geometry
+        b, n, _ = qkv.shape
+        q, k, v = qkv.view(b, n, heads, -1).split([dq, dq, dv], dim=-1)
+        return q.reshape(b, n, heads * dq), k.reshape(b, n, heads * dq), v.reshape(b, n, heads * dv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base

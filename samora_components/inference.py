@@ -21,6 +21,7 @@ from monai.bundle import ConfigParser
 from tqdm import tqdm
 
 from .io import VOLUME_SUFFIXES, VolumeError, check_volume, read_volume, volume_stem
+from .workflow import model_card_path
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ class BundlePredictor:
     device: torch.device
 
     @classmethod
-    def from_bundle(cls, bundle: str | Path, weights: str | None = None, batch: int | None = None) -> "BundlePredictor":
-        """Parse ``bundle/configs/inference.yaml`` and load ``weights`` (default ``models/model.pt``)."""
+    def from_bundle(cls, bundle: str | Path, weights: str | None = None, batch: int | None = None,
+                    precision: str | None = None) -> "BundlePredictor":
+        """Parse ``bundle/configs/inference.yaml`` and load ``weights`` (default ``models/model.pt``);
+        ``precision`` ("fp32" or "bf16") overrides the card's inference precision."""
         bundle = Path(bundle)
         config = bundle / "configs" / "inference.yaml"
         if not config.is_file():
@@ -49,10 +52,15 @@ class BundlePredictor:
             raise FileNotFoundError(f"weights not found: {weights} (train the bundle first or pass --weights)")
         parser = ConfigParser()
         parser.read_config(str(config))
+        card = model_card_path(weights)
+        if not card.is_file():
+            raise FileNotFoundError(f"no model card {card} beside {weights}: training writes it; it says which network the weights fit")
         parser["bundle_root"] = str(bundle)
-        parser["ckpt_dir"] = str(weights.parent)  # model.json beside the weights describes them
+        parser["model_file"] = str(weights)  # its card (same name, .json) describes the network
         if batch:
             parser["inferer#sw_batch_size"] = int(batch)
+        if precision:
+            parser["network_def#precision"] = precision
         network = parser.get_parsed_content("network")
         state = torch.load(weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state, strict=True)
@@ -145,11 +153,14 @@ def predict_datalist(predictor: BundlePredictor, items: list[dict], out: Path, o
     return cases
 
 
-def main(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int = 16) -> None:
+def main(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int = 16,
+         precision: str | None = None) -> None:
     """CLI: segment a file or folder; one error line per bad input, non-zero exit if any failed."""
     try:
         sources = find_volumes(input)
-        predictor = BundlePredictor.from_bundle(bundle, weights, batch)
+        if precision not in (None, "fp32", "bf16"):
+            raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
+        predictor = BundlePredictor.from_bundle(bundle, weights, batch, precision)
     except (FileNotFoundError, VolumeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -18,7 +18,7 @@ from monai.bundle import run as bundle_run
 logger = logging.getLogger("samora")
 
 __all__ = [
-    "attach_handlers", "expert_files", "prepare_run", "pretrain", "PRETRAIN_STEPS", "report_training", "run_config", "config_files", "evaluate_bundle", "read_model_card", "write_json",
+    "attach_handlers", "expert_files", "prepare_run", "pretrain", "PRETRAIN_STEPS", "report_training", "run_config", "config_files", "evaluate_bundle", "model_card_path", "read_model_card", "write_json",
     "MODEL_CARD_KEYS",
 ]
 
@@ -175,11 +175,19 @@ MODEL_CARD_KEYS = (
 )
 
 
-def read_model_card(path: str) -> dict:
-    """The architecture a ``model.pt`` was trained with (``{}`` when there is no card)."""
-    if not Path(path).is_file():
+def model_card_path(weights: str | Path) -> Path:
+    """The card that describes a weights file: ``models/model.pt`` -> ``models/model.json``."""
+    weights = Path(weights)
+    return weights if weights.suffix == ".json" else weights.with_suffix(".json")
+
+
+def read_model_card(path: str | Path) -> dict:
+    """The architecture a weights file (or its card, given directly) was trained with; ``{}`` when
+    there is no card, so that a config can still be parsed without trained weights."""
+    card = model_card_path(path)
+    if not card.is_file():
         return {}
-    with open(path) as handle:
+    with open(card) as handle:
         return json.load(handle)
 
 
