@@ -8,6 +8,8 @@ Commands:
   evaluate  Dice/HD95 of predicted label volumes against ground truth (transunet | spacing protocol)
   infer     segment NIfTI/MetaImage/h5 volumes with a bundle's inference config
   bench     SAMed vs SAMora latency, FLOPs and parameters as one JSON line
+  bench-precision  label agreement of a trained bundle in bf16 vs fp32 on a datalist section (JSON)
+  export    store trained weights with fp16 tensors (half the size) beside their model card
   demo      the whole quick pipeline on the phantom (what ``make demo`` runs)
 
 ``python -m samora_components <command> --help`` lists a command's options.
@@ -15,6 +17,7 @@ Commands:
 
 from __future__ import annotations
 
+import json
 import sys
 
 
@@ -41,11 +44,16 @@ def _infer(bundle: str, input: str, output: str, weights: str | None = None, ove
     main(bundle=bundle, input=input, output=output, weights=weights, overwrite=overwrite, batch=batch, precision=precision)
 
 
-def _train(bundle: str = "bundles/samora_ct", quick: bool = False, **overrides) -> None:
-    """Train BUNDLE (configs/train.yaml [+ quick.yaml]); extra --key value pairs override the config."""
+def _train(bundle: str = "bundles/samora_ct", quick: bool = False, profile: str | None = None, **overrides) -> None:
+    """Train BUNDLE (configs/train.yaml [+ quick.yaml] [+ --profile la,la_cpu: configs/la.yaml, ...]);
+    extra --key value pairs override the config."""
     from .workflow import run_config
 
-    run_config(bundle, "train", run_id="training", quick=quick, **overrides)
+    try:
+        run_config(bundle, "train", run_id="training", quick=quick, profile=profile, **overrides)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _convert(kind: str, src: str, out: str | None = None, validation: int = 0, labeled: int | None = None) -> None:
@@ -58,13 +66,14 @@ def _convert(kind: str, src: str, out: str | None = None, validation: int = 0, l
 
 def _pretrain(bundle: str = "bundles/samora_ct", level: str = "all", quick: bool = False,
               teacher_checkpoint: str | None = None, simclr_checkpoint: str | None = None,
-              mae_checkpoint: str | None = None, **overrides) -> None:
+              mae_checkpoint: str | None = None, profile: str | None = None, **overrides) -> None:
     """Stage 1 of BUNDLE: --level image|patch|pixel|cpt_simclr|cpt_mae|cpt|all (all = CPT, then the
-    three experts); experts go to <bundle>/models/experts/lora_<level>.safetensors."""
+    three experts); experts go to <bundle>/models/experts/lora_<level>.safetensors. --profile la,la_cpu
+    merges configs/la.yaml and configs/la_cpu.yaml (+ la_cpu_pretrain.yaml) over the stage-1 configs."""
     from .workflow import pretrain
 
     try:
-        pretrain(bundle, level, quick, teacher_checkpoint, simclr_checkpoint, mae_checkpoint, **overrides)
+        pretrain(bundle, level, quick, teacher_checkpoint, simclr_checkpoint, mae_checkpoint, profile, **overrides)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -78,6 +87,28 @@ def _bench(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "fp32", img
     try:
         main(backbone, batch, dtype, img_size, warmup, repeats)
     except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _bench_precision(bundle: str, datalist: str, section: str = "test", weights: str | None = None) -> None:
+    """Segment a datalist section with BUNDLE in fp32 and in bf16; print the label agreement as JSON."""
+    from .bench import precision_agreement
+
+    try:
+        print(json.dumps(precision_agreement(bundle, datalist, section, weights)))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _export(weights: str, out: str | None = None, dtype: str = "fp16") -> None:
+    """Store trained WEIGHTS (and their model card) with half-precision tensors, e.g. to ship them."""
+    from .workflow import export_weights
+
+    try:
+        export_weights(weights, out, dtype)
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -97,6 +128,8 @@ COMMANDS = {
     "evaluate": _evaluate,
     "infer": _infer,
     "bench": _bench,
+    "bench-precision": _bench_precision,
+    "export": _export,
     "demo": _demo,
 }
 

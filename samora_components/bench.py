@@ -14,6 +14,11 @@ prints one JSON object:
 Weights are random for SAM ViTs (no checkpoint is needed to time them) and the embedded ones for
 LiteMedSAM; SAMora's experts get random non-zero updates and a non-zero gate so that nothing is
 skipped. Both models run in inference mode on the same input.
+
+``python -m samora_components bench-precision --bundle B --datalist D [--section test]`` segments a
+datalist section with a trained bundle twice, in float32 and with bfloat16 autocast, and prints the
+fraction of voxels whose label (the argmax) is the same, overall and among voxels that either run
+labels foreground.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 
 from .network import SAMoraNet
 
-__all__ = ["benchmark", "matmul_peak", "main"]
+__all__ = ["benchmark", "matmul_peak", "main", "precision_agreement"]
 
 
 def _timed(fn, warmup: int, repeats: int) -> list[float]:
@@ -131,3 +136,37 @@ def main(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "fp32", img_s
     result = benchmark(backbone, batch, dtype, img_size, warmup, repeats)
     print(json.dumps(result))
     return result
+
+
+def precision_agreement(bundle: str, datalist: str, section: str = "test", weights: str | None = None) -> dict:
+    """Labels of a bundle's model in float32 vs bfloat16 autocast on every volume of a datalist section.
+
+    Returns ``{"bundle", "weights", "section", "cases", "voxels", "agreement", "foreground_agreement",
+    "per_case": {name: agreement}}``; ``agreement`` is the fraction of all voxels with the same label,
+    ``foreground_agreement`` the same fraction over voxels that either run labels non-background.
+    """
+    from pathlib import Path
+
+    from .data import read_datalist
+    from .inference import BundlePredictor
+
+    items = read_datalist(datalist, section)
+    if not items:
+        raise ValueError(f"{datalist} has no '{section}' items")
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)  # identical networks even where frozen weights are random (test backbones)
+        runs[precision] = BundlePredictor.from_bundle(bundle, weights, precision=precision)
+    same = total = fg_same = fg_total = 0
+    per_case = {}
+    for item in items:
+        a, b = (runs[p](item["image"]) for p in ("fp32", "bf16"))
+        fg = (a > 0) | (b > 0)
+        per_case[Path(item["image"]).name] = float((a == b).mean())
+        same, total = same + int((a == b).sum()), total + a.size
+        fg_same, fg_total = fg_same + int((a == b)[fg].sum()), fg_total + int(fg.sum())
+    return {
+        "bundle": str(bundle), "weights": str(weights or Path(bundle) / "models" / "model.pt"), "section": section,
+        "cases": len(items), "voxels": total, "agreement": same / total,
+        "foreground_agreement": fg_same / fg_total if fg_total else 1.0, "per_case": per_case,
+    }

@@ -19,7 +19,7 @@ logger = logging.getLogger("samora")
 
 __all__ = [
     "attach_handlers", "expert_files", "prepare_run", "pretrain", "PRETRAIN_STEPS", "report_training", "run_config", "config_files", "evaluate_bundle", "model_card_path", "read_model_card", "write_json",
-    "MODEL_CARD_KEYS",
+    "MODEL_CARD_KEYS", "export_weights",
 ]
 
 
@@ -87,27 +87,40 @@ def evaluate_bundle(
     return summary
 
 
-def config_files(bundle: str, name: str | Sequence[str], quick: bool = False) -> list[str]:
+def _names(value: str | Sequence[str] | None) -> list[str]:
+    """``"la,la_cpu"`` or ``("la", "la_cpu")`` -> ``["la", "la_cpu"]``."""
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def config_files(bundle: str, name: str | Sequence[str], quick: bool = False,
+                 profile: str | Sequence[str] | None = None) -> list[str]:
     """Config files of a bundle workflow, merged in order: ``configs/<name>.yaml`` (one name or a
-    list, e.g. ``["pretrain", "pretrain_image"]``), plus for the CPU quick profile ``quick.yaml`` and,
-    for stage 1, ``quick_pretrain.yaml``."""
+    list, e.g. ``["pretrain", "pretrain_image"]``), then each profile ``configs/<p>.yaml`` (``quick``
+    first when ``quick``; e.g. ``la,la_cpu`` for the MR bundle), and for stage 1 each profile's
+    ``configs/<p>_pretrain.yaml`` when it exists."""
     configs = Path(bundle) / "configs"
     names = [name] if isinstance(name, str) else list(name)
     files = [configs / f"{n}.yaml" for n in names]
-    if quick:
-        files.append(configs / "quick.yaml")
-        if names[0] == "pretrain":
-            files.append(configs / "quick_pretrain.yaml")
+    for extra in (["quick"] if quick else []) + _names(profile):
+        files.append(configs / f"{extra}.yaml")
+        if names[0] == "pretrain" and (configs / f"{extra}_pretrain.yaml").is_file():
+            files.append(configs / f"{extra}_pretrain.yaml")
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"bundle config not found: {', '.join(missing)}")
     return [str(f) for f in files]
 
 
-def run_config(bundle: str, name: str | Sequence[str], run_id: str = "run", quick: bool = False, **overrides) -> None:
-    """Run the merged ``configs/<name>.yaml`` files of ``bundle`` with ``overrides`` (config ids -> values)."""
+def run_config(bundle: str, name: str | Sequence[str], run_id: str = "run", quick: bool = False,
+               profile: str | Sequence[str] | None = None, **overrides) -> None:
+    """Run the merged config files of ``bundle`` (see :func:`config_files`) with ``overrides``
+    (config ids -> values)."""
     bundle = str(Path(bundle))
-    files = config_files(bundle, name, quick)
+    files = config_files(bundle, name, quick, profile)
     meta = Path(bundle) / "configs" / "metadata.json"
     logging_conf = Path(bundle) / "configs" / "logging.conf"
     overrides.setdefault("bundle_root", bundle)
@@ -138,6 +151,7 @@ def pretrain(
     teacher_checkpoint: str | None = None,
     simclr_checkpoint: str | None = None,
     mae_checkpoint: str | None = None,
+    profile: str | Sequence[str] | None = None,
     **overrides,
 ) -> list[str]:
     """Stage 1 of a bundle: ``level`` is image, patch, pixel, cpt_simclr, cpt_mae, cpt (both CPT
@@ -165,7 +179,7 @@ def pretrain(
     for index, step in enumerate(steps, 1):
         logger.info("stage 1 [%d/%d] %s: %s", index, len(steps), step, PRETRAIN_STEPS[step])
         config = step if step.startswith("cpt_") else f"pretrain_{step}"
-        run_config(bundle, ["pretrain", config], run_id="training", quick=quick, **overrides)
+        run_config(bundle, ["pretrain", config], run_id="training", quick=quick, profile=profile, **overrides)
     return steps
 
 
@@ -199,3 +213,33 @@ def write_json(path: str | Path, content: dict) -> None:
     with open(tmp, "w") as handle:
         json.dump(content, handle, indent=2, default=str)
     tmp.replace(path)
+
+
+_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def export_weights(weights: str | Path, out: str | Path | None = None, dtype: str = "fp16") -> Path:
+    """Write a trained state dict with its floating-point tensors stored in ``dtype`` (``fp16`` halves
+    the file; loading casts back to the network's dtype) and its model card beside it.
+
+    ``out`` defaults to ``weights`` (rewritten in place). Returns the written weights path.
+    """
+    import torch
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    weights = Path(weights)
+    out = Path(out) if out else weights
+    card = read_model_card(weights)
+    if not card:
+        raise FileNotFoundError(f"no model card {model_card_path(weights)} beside {weights}")
+    target = getattr(torch, _DTYPES[dtype])
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    torch.save(state, tmp)
+    tmp.replace(out)
+    write_json(model_card_path(out), {**card, "weights_dtype": _DTYPES[dtype]})
+    logger.info("wrote %s (%s, %.1f MB)", out, _DTYPES[dtype], out.stat().st_size / 1e6)
+    return out
