@@ -167,3 +167,19 @@ def test_fp16_export_halves_the_file_and_predicts_the_same(tmp_path, ct_phantom)
     assert (a - b).abs().max() < 1e-2 * a.abs().max()  # fp16 rounding of the weights only
     with pytest.raises(ValueError, match="dtype"):
         export_weights(weights, dtype="int8")
+
+
+def test_mr_postprocessing_keeps_the_largest_structure_on_the_input_grid(tmp_path):
+    volume = np.random.default_rng(0).normal(size=(30, 26, 8)).astype(np.float32)
+    path = tmp_path / "scan.h5"
+    with h5py.File(path, "w") as handle:
+        handle["image"] = volume
+    parser = _parse([str(REPO / "bundles" / "samora_mr" / "configs" / "inference.yaml")])
+    data = parser.get_parsed_content("preprocessing")({"image": str(path)})
+    logits = torch.zeros(2, 30, 26, 8)
+    logits[1, 2:12, 2:12, 1:6] = 1.0  # the structure
+    logits[1, 20:23, 20:23, 2:4] = 1.0  # a separate false positive
+    data["pred"] = logits
+    label = parser.get_parsed_content("postprocessing")(data)["pred"]
+    assert tuple(label.shape) == (1, 30, 26, 8) and label.dtype == torch.uint8
+    assert int(label.sum()) == 10 * 10 * 5 and int(label[0, 20:23, 20:23].sum()) == 0

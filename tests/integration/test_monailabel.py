@@ -4,8 +4,9 @@ The server runs in the label environment (.venv-label) on a free 127.0.0.1 port;
 is only its client. It takes a few minutes on a CPU, so it runs with `make test-label` (which
 builds .venv-label first and sets SAMORA_LABEL_TEST=1) and is skipped by a plain `make test`.
 
-The served bundle is a copy of bundles/samora_ct with a small untrained network (LiteMedSAM at
-64 px, SAMed): the test checks the plumbing, not accuracy.
+The served bundles are a copy of bundles/samora_ct with a small untrained network (LiteMedSAM at
+64 px, SAMed), which checks the plumbing, and the MR bundle as shipped (bundles/samora_mr with its
+trained left-atrium model), which must answer an MR study the way `samora_components infer` does.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ STARTUP_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 600
 MODEL = "samora_ct"
 STUDY = "case01"
+MR_MODEL = "samora_mr"
+MR_STUDY = "mr01"
+SHIPPED_MR = REPO / "bundles" / MR_MODEL
 
 pytestmark = [
     pytest.mark.skipif(
@@ -94,6 +98,16 @@ def _make_study(folder: Path) -> Path:
     return path
 
 
+def _make_mr_study(folder: Path) -> Path:
+    """A small synthetic MR volume (one bright structure) in RAS."""
+    from samora_components.phantom import make_mr_case
+
+    image, _ = make_mr_case(np.random.default_rng(1), shape=(64, 56, 10), spacing=(1.9, 2.1, 10.0))
+    path = folder / f"{MR_STUDY}.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.float32), np.diag([1.9, 2.1, 10.0, 1.0])), str(path))
+    return path
+
+
 def _get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=REQUEST_TIMEOUT_S) as response:
         return json.loads(response.read())
@@ -119,16 +133,20 @@ def _stop(process: subprocess.Popen) -> None:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("monailabel")
     bundle, classes = _make_bundle(root / "bundles")
-    untrained = root / "bundles" / "samora_mr"  # configs but no weights: must be skipped
+    untrained = root / "bundles" / "samora_untrained"  # configs but no weights: must be skipped
     shutil.copytree(bundle / "configs", untrained / "configs")
+    served = [str(bundle), str(untrained)]
+    if (SHIPPED_MR / "models" / "model.pt").is_file():
+        served.append(str(SHIPPED_MR))
     study = _make_study(root / "studies")
+    mr_study = _make_mr_study(root / "studies")
     port = _free_port()
     log_path = root / "server.log"
     env = dict(os.environ, MONAI_LABEL_SESSION_PATH=str(root / "sessions"), PYTHONUNBUFFERED="1")
     command = [
         str(LABEL_PYTHON), "-m", "samora_components.label_server",
         "--studies", str(root / "studies"), "--port", str(port),
-        "--bundles", str(bundle), str(untrained), "--app-dir", str(root / "app"),
+        "--bundles", *served, "--app-dir", str(root / "app"),
     ]  # fmt: skip
     started = time.monotonic()
     with open(log_path, "w") as log:
@@ -148,7 +166,8 @@ def server(tmp_path_factory):
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(1.0)
         print(f"MONAI Label ready after {time.monotonic() - started:.0f} s", file=sys.stderr)
-        yield {"url": url, "study": study, "bundle": bundle, "classes": classes, "log": log_path, "port": port}
+        yield {"url": url, "study": study, "mr_study": mr_study, "bundle": bundle, "classes": classes,
+               "log": log_path, "port": port, "mr_served": str(SHIPPED_MR) in served}
     finally:
         _stop(process)
     assert process.poll() is not None, "server still running after SIGKILL"
@@ -157,27 +176,31 @@ def server(tmp_path_factory):
 
 def test_info_lists_the_bundle_and_its_labels(server):
     info = _get_json(f"{server['url']}/info/")
-    assert set(info["models"]) == {MODEL}  # the weightless bundle is not served, and no SAM2 models
+    expected = {MODEL, MR_MODEL} if server["mr_served"] else {MODEL}
+    assert set(info["models"]) == expected  # the weightless bundle is not served, and no SAM2 models
     model = info["models"][MODEL]
     assert model["type"] == "segmentation"
     foreground = {name: index for name, index in server["classes"].items() if name != "background"}
     assert model["labels"] == foreground
     assert info["trainers"] == {}
-    assert info["datastore"]["total"] == 1
+    assert info["datastore"]["total"] == 2
     log = server["log"].read_text()
-    assert "skip:" in log and "samora_mr" in log and "models/model.pt" in log
+    assert "skip:" in log and "samora_untrained" in log and "models/model.pt" in log
+    if server["mr_served"]:
+        assert info["models"][MR_MODEL]["labels"] == {"left_atrium": 1}
 
 
-def test_infer_returns_a_label_volume_on_the_study_grid(server, tmp_path):
-    # the request 3D Slicer's MONAI Label module sends: study id in the query, options as a form field
-    query = urllib.parse.urlencode({"image": STUDY})
+def _infer(server: dict, model: str, study: str, tmp_path: Path) -> tuple[dict, Path]:
+    """POST /infer/<model>?image=<study> as 3D Slicer's MONAI Label module does (options in a form
+    field); returns the answer's params and the label file written to ``tmp_path``."""
+    query = urllib.parse.urlencode({"image": study})
     boundary = uuid.uuid4().hex
     body = (
         f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n"
         f"{json.dumps({'client_id': 'samora-test'})}\r\n--{boundary}--\r\n"
     ).encode()
     request = urllib.request.Request(
-        f"{server['url']}/infer/{MODEL}?{query}",
+        f"{server['url']}/infer/{model}?{query}",
         data=body,
         method="POST",
         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
@@ -193,11 +216,15 @@ def test_infer_returns_a_label_volume_on_the_study_grid(server, tmp_path):
     parts = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
     assert set(parts) >= {"params", "image"}
     params = json.loads(parts["params"].get_payload(decode=True))
-    assert params["label_names"] == {k: v for k, v in server["classes"].items() if k != "background"}
     label_file = tmp_path / parts["image"].get_filename()
     assert label_file.name.endswith(".nii.gz")
     label_file.write_bytes(parts["image"].get_payload(decode=True))
+    return params, label_file
 
+
+def test_infer_returns_a_label_volume_on_the_study_grid(server, tmp_path):
+    params, label_file = _infer(server, MODEL, STUDY, tmp_path)
+    assert params["label_names"] == {k: v for k, v in server["classes"].items() if k != "background"}
     study = nib.load(str(server["study"]))
     label = nib.load(str(label_file))
     values = np.asarray(label.dataobj)
@@ -209,4 +236,21 @@ def test_infer_returns_a_label_volume_on_the_study_grid(server, tmp_path):
     from samora_components.inference import BundlePredictor
 
     expected = BundlePredictor.from_bundle(server["bundle"])(str(server["study"]))
+    assert (values == expected).mean() > 0.99
+
+
+def test_shipped_mr_model_segments_an_mr_study(server, tmp_path):
+    if not server["mr_served"]:
+        pytest.skip("bundles/samora_mr has no models/model.pt")
+    params, label_file = _infer(server, MR_MODEL, MR_STUDY, tmp_path)
+    assert params["label_names"] == {"left_atrium": 1}
+    study = nib.load(str(server["mr_study"]))
+    label = nib.load(str(label_file))
+    values = np.asarray(label.dataobj)
+    assert label.shape == study.shape and set(np.unique(values).tolist()) <= {0, 1}
+    np.testing.assert_allclose(label.affine, study.affine, atol=1e-3)
+
+    from samora_components.inference import BundlePredictor
+
+    expected = BundlePredictor.from_bundle(SHIPPED_MR)(str(server["mr_study"]))
     assert (values == expected).mean() > 0.99
