@@ -142,13 +142,14 @@ def precision_agreement(bundle: str, datalist: str, section: str = "test", weigh
     """Labels of a bundle's model in float32 vs bfloat16 autocast on every volume of a datalist section.
 
     Returns ``{"bundle", "weights", "section", "cases", "voxels", "agreement", "foreground_agreement",
-    "per_case": {name: agreement}}``; ``agreement`` is the fraction of all voxels with the same label,
+    "per_case": {case: agreement}}``; ``agreement`` is the fraction of all voxels with the same label,
     ``foreground_agreement`` the same fraction over voxels that either run labels non-background.
     """
     from pathlib import Path
 
     from .data import read_datalist
     from .inference import BundlePredictor
+    from .io import volume_stem
 
     items = read_datalist(datalist, section)
     if not items:
@@ -162,7 +163,7 @@ def precision_agreement(bundle: str, datalist: str, section: str = "test", weigh
     for item in items:
         a, b = (runs[p](item["image"]) for p in ("fp32", "bf16"))
         fg = (a > 0) | (b > 0)
-        per_case[Path(item["image"]).name] = float((a == b).mean())
+        per_case[volume_stem(Path(item["image"]))] = float((a == b).mean())
         same, total = same + int((a == b).sum()), total + a.size
         fg_same, fg_total = fg_same + int((a == b)[fg].sum()), fg_total + int(fg.sum())
     return {

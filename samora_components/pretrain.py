@@ -146,7 +146,20 @@ class MaskedCPT(_Objective):
         return loss.float()
 
 
-class ImageDistillation(_Objective):
+class _Distillation(_Objective):
+    """A student (frozen encoder + expert) learning from a frozen teacher."""
+
+    def __init__(self, student: ExpertStudent, teacher: nn.Module, precision: str = "fp32") -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = freeze(teacher)
+        self.precision = precision
+
+    def frozen_modules(self) -> Sequence[nn.Module]:
+        return (self.student.encoder, self.teacher)
+
+
+class ImageDistillation(_Distillation):
     """Image-level expert: the student's mean-pooled embedding through an MLP matches the teacher's
     pooled feature; loss = mean over the batch of ||normalise(s) - normalise(t)||² (in [0, 4]).
 
@@ -158,14 +171,8 @@ class ImageDistillation(_Objective):
     level = "image"
 
     def __init__(self, student: ExpertStudent, teacher: nn.Module, hidden: int = 2048, precision: str = "fp32") -> None:
-        super().__init__()
-        self.student = student
-        self.teacher = freeze(teacher)
+        super().__init__(student, teacher, precision)
         self.head = Mlp(student.embed_dim, hidden, teacher.feature_dim)
-        self.precision = precision
-
-    def frozen_modules(self) -> Sequence[nn.Module]:
-        return (self.student.encoder, self.teacher)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         with _autocast(image, self.precision):
@@ -177,7 +184,7 @@ class ImageDistillation(_Objective):
         return (pred - target).square().sum(dim=-1).mean()
 
 
-class PatchDistillation(_Objective):
+class PatchDistillation(_Distillation):
     """Patch-level expert: the student's embedding, resampled to the teacher's token grid and
     projected linearly to its width, matches the teacher's patch tokens of the full image (MSE).
 
@@ -187,14 +194,8 @@ class PatchDistillation(_Objective):
     level = "patch"
 
     def __init__(self, student: ExpertStudent, teacher: nn.Module, precision: str = "fp32") -> None:
-        super().__init__()
-        self.student = student
-        self.teacher = freeze(teacher)
+        super().__init__(student, teacher, precision)
         self.projector = nn.Linear(student.embed_dim, teacher.feature_dim)
-        self.precision = precision
-
-    def frozen_modules(self) -> Sequence[nn.Module]:
-        return (self.student.encoder, self.teacher)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         with _autocast(image, self.precision):

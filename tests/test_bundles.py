@@ -145,7 +145,7 @@ def test_precision_agreement_counts_every_voxel(tmp_path, ct_phantom):
     result = precision_agreement(str(root), ct_phantom, "test")
     assert result["cases"] == 1 and result["voxels"] == 40 * 40 * 8
     assert result["agreement"] >= 0.95 and 0.0 <= result["foreground_agreement"] <= 1.0
-    assert set(result["per_case"]) == {"phantom_ct_002.nii.gz"}
+    assert set(result["per_case"]) == {"phantom_ct_002"}
 
 
 def test_fp16_export_halves_the_file_and_predicts_the_same(tmp_path, ct_phantom):
