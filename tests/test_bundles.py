@@ -183,3 +183,21 @@ def test_mr_postprocessing_keeps_the_largest_structure_on_the_input_grid(tmp_pat
     label = parser.get_parsed_content("postprocessing")(data)["pred"]
     assert tuple(label.shape) == (1, 30, 26, 8) and label.dtype == torch.uint8
     assert int(label.sum()) == 10 * 10 * 5 and int(label[0, 20:23, 20:23].sum()) == 0
+
+
+def test_mr_bundle_trains_on_the_mr_phantom_and_segments_h5(tmp_path):
+    datalist = generate(str(tmp_path / "phantom_mr"), "mr", cases=3, unlabeled=0, shape=(32, 32, 8))
+    root = tmp_path / "bundle"
+    run_config(
+        "bundles/samora_mr", "train", run_id="training", quick=True, bundle_root=str(root), datalist=datalist,
+        **{"method": "samed", "epochs": 1, "batch_size": 4, "warmup_iters": 1, **TINY},
+    )
+    card = json.loads((root / "models" / "model.json").read_text())
+    assert card["num_classes"] == 2 and card["class_names"] == ["background", "left_atrium"]
+    shutil.copytree(REPO / "bundles" / "samora_mr" / "configs", root / "configs")
+    scan = tmp_path / "mri_norm2.h5"
+    with h5py.File(scan, "w") as handle:  # a UA-MT style file: z-scored image, no geometry
+        handle["image"] = np.random.default_rng(0).normal(size=(36, 30, 8)).astype(np.float32)
+    torch.manual_seed(0)
+    label = BundlePredictor.from_bundle(root)(str(scan))
+    assert label.shape == (36, 30, 8) and set(np.unique(label).tolist()) <= {0, 1}
