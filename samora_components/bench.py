@@ -4,8 +4,9 @@
 prints one JSON object:
 
 * ``samed`` / ``samora``: per-slice latency (median over ``repeats`` timed forward passes after
-  ``warmup`` untimed ones; the two models alternate, so both see the same machine conditions), FLOPs per slice (counted by ``torch.utils.flop_counter``), achieved
-  GFLOP/s, total and stage-2 trainable parameter counts;
+  ``warmup`` untimed ones; the two models alternate, so both see the same machine conditions),
+  FLOPs per slice (counted by ``torch.utils.flop_counter``), achieved GFLOP/s, total and stage-2
+  trainable parameter counts;
 * ``latency_ratio`` (ratio of the medians), ``latency_ratio_per_round`` (median/min/max of the
   ratios of back-to-back runs) and ``flop_ratio`` (SAMora / SAMed);
 * ``matmul_peak_gflops``: the best rate of a large square matmul in the same dtype, timed in the
