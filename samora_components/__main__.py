@@ -2,7 +2,7 @@
 
 Commands:
   phantom   write a synthetic CT/MR phantom data set with its datalist
-  convert   write the datalist of a public MR release folder (LA in the UA-MT layout, PROMISE12)
+  convert   write the datalist of a public release folder (LA, PROMISE12, Synapse, AMOS, TotalSegmentator)
   pretrain  stage 1: continual pre-training of the teachers and the three LoRA experts
   train     stage-2 training of a bundle (SAMed or SAMora), same path as ``monai.bundle run training``
   evaluate  Dice/HD95 of predicted label volumes against ground truth (transunet | spacing protocol)
@@ -28,17 +28,19 @@ def _phantom(out: str, kind: str = "ct", cases: int = 10, seed: int = 0, unlabel
     main(out=out, kind=kind, cases=cases, seed=seed, unlabeled=unlabeled)
 
 
-def _evaluate(pred: str, label: str, protocol: str = "transunet", out: str = "eval", classes: str | None = None, image: str | None = None) -> None:
-    """Evaluate predictions PRED against labels LABEL (files or folders matched by name)."""
+def _evaluate(pred: str, label: str, protocol: str = "transunet", out: str = "eval", classes: str | None = None,
+              image: str | None = None, label_map: str | None = None) -> None:
+    """Evaluate predictions PRED against labels LABEL (files or folders matched by name);
+    --label_map btcv_to_synapse|amos_to_synapse|totalseg_to_synapse remaps the labels' ids first."""
     from .evaluate import main
 
-    main(pred=pred, label=label, protocol=protocol, out=out, classes=classes, image=image)
+    main(pred=pred, label=label, protocol=protocol, out=out, classes=classes, image=image, label_map=label_map)
 
 
 def _infer(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int = 16,
            precision: str | None = None) -> None:
-    """Segment INPUT (file or folder) with BUNDLE; write label volumes to OUTPUT (--precision bf16:
-    faster on CPUs with AMX)."""
+    """Segment INPUT (file or folder) with BUNDLE; write label volumes to OUTPUT. --precision auto
+    (default: bf16 only on hardware with native bf16, else fp32) | fp32 | bf16."""
     from .inference import main
 
     main(bundle=bundle, input=input, output=output, weights=weights, overwrite=overwrite, batch=batch, precision=precision)
@@ -56,12 +58,15 @@ def _train(bundle: str = "bundles/samora_ct", quick: bool = False, profile: str 
         raise SystemExit(2) from None
 
 
-def _convert(kind: str, src: str, out: str | None = None, validation: int = 0, labeled: int | None = None) -> None:
-    """Write DATALIST (default SRC/datalist.json) for --kind la|promise12; --validation N holds out
-    the last N of the first --labeled labeled training scans."""
+def _convert(kind: str, src: str, out: str | None = None, validation: int = 0, labeled: int | None = None,
+             modality: str = "ct") -> None:
+    """Write DATALIST (default SRC/datalist.json) for --kind la|promise12|synapse|amos|totalseg. LA and
+    PROMISE12: --labeled N scans train (the few-shot budget: 4 / 3), --validation N further labeled
+    scans from outside the budget validate. CT kinds write Synapse-8 label copies when the source uses
+    other ids (--modality all keeps AMOS MR cases)."""
     from .convert import main
 
-    main(kind, src, out, validation, labeled)
+    main(kind, src, out, validation, labeled, modality=modality)
 
 
 def _pretrain(bundle: str = "bundles/samora_ct", level: str = "all", quick: bool = False,
@@ -79,7 +84,7 @@ def _pretrain(bundle: str = "bundles/samora_ct", level: str = "all", quick: bool
         raise SystemExit(2) from None
 
 
-def _bench(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "fp32", img_size: int | None = None,
+def _bench(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", img_size: int | None = None,
            warmup: int = 2, repeats: int = 7) -> None:
     """Time SAMed and SAMora (encoder + decoder) on one batch; print one JSON object."""
     from .bench import main

@@ -1,6 +1,6 @@
 """Speed benchmark: SAMed vs SAMora encoder + decoder latency in one process (SPEC §4).
 
-``python -m samora_components bench --backbone sam_vit_b|litemedsam --batch N --dtype fp32|bf16``
+``python -m samora_components bench --backbone sam_vit_b|litemedsam --batch N --dtype auto|fp32|bf16``
 prints one JSON object:
 
 * ``samed`` / ``samora``: per-slice latency (median over ``repeats`` timed forward passes after
@@ -31,6 +31,7 @@ import time
 import torch
 
 from .network import SAMoraNet
+from .precision import cpu_summary, resolve_precision
 
 __all__ = ["benchmark", "matmul_peak", "main", "precision_agreement"]
 
@@ -74,7 +75,7 @@ def _flops(net: torch.nn.Module, x: torch.Tensor) -> int:
 def _model(method: str, backbone: str, img_size: int | None, dtype: str, num_classes: int) -> SAMoraNet:
     checkpoint = None if backbone == "litemedsam" else ""
     net = SAMoraNet(num_classes, backbone=backbone, img_size=img_size, checkpoint=checkpoint, method=method,
-                    precision="bf16" if dtype == "bf16" else "fp32")
+                    precision=dtype)
     if method == "samora":
         with torch.no_grad():
             for site in net.sites:
@@ -85,16 +86,18 @@ def _model(method: str, backbone: str, img_size: int | None, dtype: str, num_cla
     return net.eval()
 
 
-def benchmark(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "fp32", img_size: int | None = None,
+def benchmark(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", img_size: int | None = None,
               warmup: int = 2, repeats: int = 7, num_classes: int = 9) -> dict:
-    """Time SAMed and SAMora forward passes on one batch; see the module docstring for the fields."""
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
+    """Time SAMed and SAMora forward passes on one batch; see the module docstring for the fields.
+    ``dtype`` auto | fp32 | bf16 (auto: bf16 only where the CPU has it natively)."""
+    choice = resolve_precision(dtype, "cpu")
+    dtype = choice.precision
     if batch < 1 or repeats < 1 or warmup < 0:
         raise ValueError("batch and repeats must be >= 1, warmup >= 0")
     torch.manual_seed(0)
-    result: dict = {"backbone": backbone, "batch": batch, "dtype": dtype, "threads": torch.get_num_threads(),
-                    "device": "cpu", "warmup": warmup, "repeats": repeats}
+    result: dict = {"backbone": backbone, "batch": batch, "dtype": dtype, "dtype_requested": choice.requested,
+                    "dtype_reason": choice.reason, "threads": torch.get_num_threads(), "device": "cpu",
+                    "cpu": cpu_summary(), "warmup": warmup, "repeats": repeats}
     nets = {m: _model(m, backbone, img_size, dtype, num_classes) for m in ("samed", "samora")}
     size = nets["samed"].img_size
     result["img_size"] = size
@@ -131,7 +134,7 @@ def benchmark(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "fp32", 
     return result
 
 
-def main(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "fp32", img_size: int | None = None,
+def main(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", img_size: int | None = None,
          warmup: int = 2, repeats: int = 7) -> dict:
     """CLI entry: run :func:`benchmark` and print its JSON on one line."""
     result = benchmark(backbone, batch, dtype, img_size, warmup, repeats)

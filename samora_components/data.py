@@ -26,29 +26,19 @@ from .io import axial_slices, volume_stem
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_datalist", "SliceDataset", "VolumeSlices", "ensure_phantom", "select_few_shot"]
-
-
-def ensure_phantom(datalist: str, kind: str = "ct", cases: int = 10, unlabeled: int = 8, seed: int = 0) -> str:
-    """Return ``datalist``; if it is missing and lies in a folder named ``phantom_*``, generate it.
-
-    This keeps ``python -m monai.bundle run training`` working out of the box on the embedded
-    phantom while giving a clear error for a user's missing data.
-    """
-    path = Path(datalist)
-    if path.is_file():
-        return str(path)
-    if path.parent.name.startswith("phantom"):
-        from .phantom import generate
-
-        logger.info("no datalist at %s: generating the %s phantom there", path, kind)
-        generate(str(path.parent), kind=kind, cases=cases, seed=seed, unlabeled=unlabeled)
-        return str(path)
-    raise FileNotFoundError(f"datalist not found: {path} (pass --datalist or --dataset_dir)")
+__all__ = ["read_datalist", "SliceDataset", "VolumeSlices", "select_few_shot"]
 
 
 def read_datalist(datalist: str, section: str, base_dir: str | None = None) -> list[dict]:
-    """Items of one section with absolute paths; an absent or empty section gives ``[]``."""
+    """Items of one section with absolute paths; an absent or empty section gives ``[]``.
+
+    A missing datalist is an error that says how to make one (nothing is generated behind the
+    user's back: the synthetic phantom is written only by ``make demo`` / the ``phantom`` command)."""
+    if not Path(datalist).is_file():
+        raise FileNotFoundError(
+            f"datalist not found: {datalist}. Pass --dataset_dir DIR (holding datalist.json) or --datalist FILE; "
+            "write one with `python -m samora_components convert --kind ... --src DIR`, or a synthetic one with "
+            "`python -m samora_components phantom --out DIR --kind ct|mr`")
     with open(datalist) as handle:
         content = json.load(handle)
     if not content.get(section):

@@ -3,7 +3,8 @@
 SAM's ``MaskDecoder`` is built with ``num_multimask_outputs = C - 1``, which gives C mask tokens:
 one per class, token 0 for the background. No prompt is used: the sparse prompt is empty and the
 dense prompt is ``no_mask_embed`` broadcast over the embedding grid. The two-way transformer and the
-upscaling path load from the SAM checkpoint; tokens, hypernetwork MLPs and the IoU head are new.
+upscaling path load from the SAM checkpoint; tokens and hypernetwork MLPs are new. SAM's IoU head is
+not built: without prompts there is no mask choice for it to score.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class PromptFreeDecoder(nn.Module):
             iou_head_depth=3,
             iou_head_hidden_dim=256,
         )
+        # SAM's IoU head scores prompted masks; a prompt-free decoder never uses it (its IoU token still
+        # takes part in the two-way transformer, as in SAM)
+        del self.mask_decoder.iou_prediction_head
         if weights:
             result = self.mask_decoder.load_state_dict(weights, strict=False)
             expected = [k for k in result.missing_keys if k.startswith(("transformer.", "output_upscaling."))]

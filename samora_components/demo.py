@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import ensure_phantom, read_datalist
+from .data import read_datalist
 from .evaluate import format_table
 from .inference import BundlePredictor, predict_file
 from .io import read_volume
+from .phantom import generate
 from .plots import choose_slices, overlay_grid
 from .workflow import evaluate_bundle, pretrain, run_config
 
@@ -88,7 +89,9 @@ def main(out: str = "demo_out", quick: bool = True) -> dict:
     start = time.time()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    datalist = ensure_phantom(f"{DATASET}/datalist.json", kind="ct", cases=10, unlabeled=8)
+    datalist = f"{DATASET}/datalist.json"
+    if not Path(datalist).is_file():
+        generate(DATASET, kind="ct", cases=10, seed=0, unlabeled=8)
     print(f"[1/5] phantom data set: {datalist}", flush=True)
     print("[2/5] stage 1: teachers and the image/patch/pixel experts (quick)", flush=True)
     pretrain(BUNDLE, "all", quick=quick, dataset_dir=DATASET, expert_dir=str(out_dir / "experts"),

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import VOLUME_SUFFIXES, VolumeError, read_volume, volume_stem
+from .transforms import remap_labels, resolve_label_map
 from .metrics import as_label_map, case_metrics, check_protocol, empty_result, summarise
 
 __all__ = ["CLASS_PRESETS", "Case", "evaluate", "evaluate_cases", "parse_classes", "match_cases", "format_table", "main"]
@@ -268,14 +269,17 @@ def _drop_trailing_axes(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _read_labels(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Integer label map (X, Y, Z) and voxel spacing (one value per axis) of one file."""
+def _read_labels(path: Path, label_map: Mapping[int, int] | None = None) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Integer label map (X, Y, Z) and voxel spacing (one value per axis) of one file; ``label_map``
+    remaps its ids (unlisted ids become 0) as training does."""
     volume = read_volume(path, key="label")
     array = _drop_trailing_axes(np.asarray(volume.array))
     try:
         labels = as_label_map(array, str(path))
+        if label_map is not None:
+            labels = remap_labels(labels, label_map)
     except ValueError as err:
-        raise VolumeError(str(err)) from None
+        raise VolumeError(f"{path}: {err}" if str(path) not in str(err) else str(err)) from None
     spacing = tuple(volume.spacing)[: labels.ndim]
     spacing += (1.0,) * (labels.ndim - len(spacing))
     return labels, spacing
@@ -352,7 +356,8 @@ def _write_overlay(
 # evaluation
 
 
-def _score_cases(cases: list[Case], protocol: str, names: dict[int, str] | None, out: Path) -> tuple[dict, int]:
+def _score_cases(cases: list[Case], protocol: str, names: dict[int, str] | None, out: Path,
+                 label_map: Mapping[int, int] | None = None) -> tuple[dict, int]:
     """Per-case results for every case (progress bar on stderr) and the largest label value seen."""
     from tqdm import tqdm
 
@@ -361,7 +366,7 @@ def _score_cases(cases: list[Case], protocol: str, names: dict[int, str] | None,
     with tqdm(cases, desc="evaluate", unit="case", file=sys.stderr, dynamic_ncols=True) as bar:
         for case in bar:
             bar.set_postfix_str(case.name)
-            gt, spacing = _read_labels(case.label)
+            gt, spacing = _read_labels(case.label, label_map)
             pred, _ = _read_labels(case.pred)
             if pred.shape != gt.shape:
                 raise ValueError(f"case {case.name}: prediction shape {pred.shape} differs from label shape {gt.shape}")
@@ -389,6 +394,7 @@ def evaluate(
     out: str = "eval",
     classes: str | None = None,
     image: str | None = None,
+    label_map: str | Mapping[int, int] | None = None,
 ) -> dict:
     """Score predictions against labels and write the reports into ``out``.
 
@@ -399,6 +405,8 @@ def evaluate(
         out: output folder (created).
         classes: see :func:`parse_classes`; None scores ids 1..largest label found, named ``class_<id>``.
         image: optional image file or folder (matched like labels) for ``overlays/<case>.png``.
+        label_map: remap the *label* files' ids before scoring, as training does (a preset of
+            :data:`samora_components.transforms.LABEL_MAPS` such as ``btcv_to_synapse``, or a mapping).
 
     Returns:
         The :func:`samora_components.metrics.summarise` dict.
@@ -412,16 +420,18 @@ def evaluate(
     cases = match_cases(pred, label)
     if image is not None:
         _attach_images(cases, image)
-    return evaluate_cases(cases, protocol, out, classes)
+    return evaluate_cases(cases, protocol, out, classes, label_map)
 
 
-def evaluate_cases(cases: list[Case], protocol: str = "transunet", out: str = "eval", classes=None) -> dict:
+def evaluate_cases(cases: list[Case], protocol: str = "transunet", out: str = "eval", classes=None,
+                   label_map: str | Mapping[int, int] | None = None) -> dict:
     """Score already-paired cases (see :func:`evaluate`) and write the reports into ``out``."""
     check_protocol(protocol)
     names = parse_classes(classes)
+    mapping = resolve_label_map(label_map)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    per_case, largest = _score_cases(cases, protocol, names, out_dir)
+    per_case, largest = _score_cases(cases, protocol, names, out_dir, mapping)
     if names is None:
         if largest < 1:
             raise ValueError("no foreground label in any label or prediction; pass --classes to score empty volumes")
@@ -474,10 +484,11 @@ def main(
     out: str = "eval",
     classes: str | None = None,
     image: str | None = None,
+    label_map: str | None = None,
 ) -> None:
     """CLI entry: evaluate, print the table and the files written; user errors -> one line, exit 2."""
     try:
-        summary = evaluate(pred, label, protocol=protocol, out=out, classes=classes, image=image)
+        summary = evaluate(pred, label, protocol=protocol, out=out, classes=classes, image=image, label_map=label_map)
     except (ValueError, FileNotFoundError) as err:  # VolumeError is a ValueError
         print(f"error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -25,6 +25,9 @@ higher level (image > patch > pixel) is the query.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import add_decomposed_rel_pos, get_rel_pos
@@ -42,6 +45,7 @@ __all__ = [
     "ExpertAttention",
     "build_fusion",
     "lorahub_search",
+    "gates_at",
     "parse_order",
     "FUSIONS",
 ]
@@ -226,6 +230,21 @@ def lorahub_search(
     return fusions[0].weights.detach().clone()
 
 
+@contextmanager
+def gates_at(sites: Sequence["ExpertAttention"], value: float) -> Iterator[None]:
+    """Temporarily set the gate of every SAMora site to ``value`` (restored on exit)."""
+    saved = [site.gate.detach().clone() for site in sites]
+    try:
+        with torch.no_grad():
+            for site in sites:
+                site.gate.fill_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for site, gate in zip(sites, saved):
+                site.gate.copy_(gate)
+
+
 FUSIONS = ("hl_attn", "lac", "lorahub", "mole")
 
 
@@ -275,6 +294,10 @@ class ExpertAttention(nn.Module):
         fusion: a module from :func:`build_fusion`.
         rank: expert rank.
         kernel: ``"auto"``, ``"fused"`` or ``"chunked"``.
+        gate_init: initial value of the gate γ. 0 starts stage 2 at the frozen encoder; a non-zero
+            value is needed for experts that train in stage 2 ("scratch": B = 0 and γ = 0 give each
+            other zero gradient). The authors' public code starts at 1.
+        fusion_norm: LayerNorm on the fused delta before the gate (the authors' public code).
     """
 
     #: working set of one chunk of the ``chunked`` kernel (bytes): small enough to stay in cache
@@ -282,7 +305,8 @@ class ExpertAttention(nn.Module):
     chunk_bytes = 16 << 20
     chunk_bytes_training = 64 << 20
 
-    def __init__(self, base: nn.Module, levels: tuple[str, ...], fusion: nn.Module, rank: int = 4, kernel: str = "auto") -> None:
+    def __init__(self, base: nn.Module, levels: tuple[str, ...], fusion: nn.Module, rank: int = 4, kernel: str = "auto",
+                 gate_init: float = 0.0, fusion_norm: bool = False) -> None:
         super().__init__()
         if kernel not in ("auto", "fused", "chunked"):
             raise ValueError(f"kernel must be auto, fused or chunked, got {kernel!r}")
@@ -296,7 +320,9 @@ class ExpertAttention(nn.Module):
             {lv: LoRAExpert(base.qkv.in_features, rows.q.numel(), rows.v.numel(), rank) for lv in self.levels}
         )
         self.fusion = fusion
-        self.gate = nn.Parameter(torch.zeros(()))
+        dim = base.qkv.in_features
+        self.fusion_norm = nn.LayerNorm(dim) if fusion_norm else nn.Identity()
+        self.gate = nn.Parameter(torch.full((), float(gate_init)))
 
     # -- attention cores: q (V, B, h, N, dq), k (B, h, N, dq), v (V, B, h, N, dv) -> (V, B, h, N, dv)
     def _bias(self, dtype: torch.dtype) -> torch.Tensor:
@@ -357,7 +383,7 @@ class ExpertAttention(nn.Module):
         """Projected variants (V, B, N, C) -> a0 + gate * fusion of the expert deltas."""
         a0 = out[0]
         deltas = {lv: out[i + 1] - a0 for i, lv in enumerate(self.levels)}
-        return a0 + self.gate * self.fusion(deltas, u)
+        return a0 + self.gate * self.fusion_norm(self.fusion(deltas, u))
 
     def _site_fused(self, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """All variants in one fused attention call (tokens u (B, N, C) -> (B, N, C))."""

@@ -9,12 +9,18 @@ from collections.abc import Callable
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint
+from ignite.handlers import Checkpoint, DiskSaver
 from ignite.handlers import ProgressBar as _IgniteProgressBar
+from monai.handlers import ValidationHandler
+
+from .fusion import ExpertAttention, LoRAHubFusion, gates_at, lorahub_search
+from .plots import line_plot
+from .workflow import model_card_path, write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProgressBar", "ModelCardWriter", "TrainingCheckpoint", "TrainableState", "LossHistory", "LoRAHubSearch"]
+__all__ = ["ProgressBar", "ModelSaver", "Validation", "ValidationHistory", "TrainingCheckpoint", "TrainableState",
+           "LossHistory", "LoRAHubSearch"]
 
 
 class ProgressBar:
@@ -33,37 +39,97 @@ class ProgressBar:
         self.bar.attach(engine, output_transform=self.output_transform)
 
 
-class ModelCardWriter:
-    """Writes ``model.json`` (the architecture and provenance of ``model.pt``) next to the weights
-    each time validation improves, so the two files always describe the same model.
-
-    Attach to the validation evaluator, after its ``CheckpointSaver``.
+class ModelSaver:
+    """Writes the trained weights (a plain state dict of what training changed, as MONAI Label loads
+    it) and their model card (``model.pt`` -> ``model.json``), so the two always describe the same
+    model. Both files are replaced atomically.
 
     Args:
-        path: where to write the card.
-        card: configuration values (see :data:`samora_components.workflow.MODEL_CARD_KEYS`).
+        network: the trained network (a ``DistributedDataParallel`` wrapper is unwrapped).
+        path: the weights file, e.g. ``models/model.pt``.
+        card: configuration values describing the network (the bundle's ``model_card``).
+        checkpoint: ``"last"`` (default, as SAMed/H-SAM report: the weights at the end of training)
+            or ``"best"`` (whenever ``evaluator``'s key metric improves; needs validation data).
+        evaluator: the validation evaluator, for ``"best"``.
+
+    Attach to the trainer.
     """
 
-    def __init__(self, path: str, card: dict) -> None:
+    CHOICES = ("last", "best")
+
+    def __init__(self, network: torch.nn.Module, path: str, card: dict, checkpoint: str = "last", evaluator=None) -> None:
+        if checkpoint not in self.CHOICES:
+            raise ValueError(f"checkpoint must be one of {', '.join(self.CHOICES)}, got {checkpoint!r}")
+        self.network = network
         self.path = path
         self.card = dict(card)
+        self.checkpoint = checkpoint
+        self.evaluator = evaluator
+        self._trainer: Engine | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self._trainer = engine
+        if self.checkpoint == "last":
+            engine.add_event_handler(Events.COMPLETED, self._save_last)
+            return
+        if self.evaluator is None or not len(self.evaluator.data_loader):
+            raise ValueError("checkpoint: best needs validation data (a 'validation' section in the datalist); "
+                             "use checkpoint: last (the published protocols report the last epoch)")
+        self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._save_best)
+
+    def _save_last(self, engine: Engine) -> None:
+        self.save(epoch=int(engine.state.epoch))
+
+    def _save_best(self, evaluator: Engine) -> None:
+        state = evaluator.state
+        if state.best_metric_epoch == state.epoch:
+            self.save(epoch=int(state.epoch), best_metric=float(state.best_metric))
+
+    def save(self, **extra) -> None:
+        """Write weights, then the card (``checkpoint``, ``epochs_done`` and ``extra`` added)."""
+        network = getattr(self.network, "module", self.network)
+        folder, name = os.path.split(os.path.abspath(self.path))
+        DiskSaver(folder, atomic=True, require_empty=False)(network.state_dict(), name)
+        card = dict(self.card, checkpoint=self.checkpoint, **extra)
+        card["epochs_done"] = card.pop("epoch", None)
+        card["saved"] = datetime.datetime.now().isoformat(timespec="seconds")
+        write_json(model_card_path(self.path), card)
+        logger.info("weights (%s epoch %s) written to %s", self.checkpoint, card["epochs_done"], self.path)
+
+
+class Validation(ValidationHandler):
+    """MONAI's ``ValidationHandler`` that stays inert when there is no validation data: the published
+    protocols have no validation split (validation only draws learning curves)."""
+
+    def attach(self, engine: Engine) -> None:
+        if self.validator is not None and not len(self.validator.data_loader):
+            logger.info("no validation data: training runs without validation")
+            return
+        super().attach(engine)
+
+
+class ValidationHistory:
+    """Records the validation key metric after every validation run in ``path`` (JSON
+    ``{"epochs": [...], "<name>": [...]}``) and draws it beside it (``.png``): the learning curve.
+
+    Attach to the evaluator (MONAI evaluators run with the trainer's epoch number).
+    """
+
+    def __init__(self, path: str, name: str = "val_mean_dice") -> None:
+        self.path = path
+        self.name = name
+        self.epochs: list[int] = []
+        self.values: list[float] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from .workflow import write_json
-
-        state = engine.state
-        if state.best_metric_epoch != state.epoch:
-            return
-        card = dict(self.card)
-        card.update(
-            best_metric=float(state.best_metric),
-            best_epoch=int(state.best_metric_epoch),
-            saved=datetime.datetime.now().isoformat(timespec="seconds"),
-        )
-        write_json(self.path, card)
+        self.epochs.append(int(engine.state.epoch))
+        self.values.append(float(engine.state.metrics.get(self.name, float("nan"))))
+        write_json(self.path, {"epochs": self.epochs, self.name: self.values})
+        line_plot(self.epochs, {self.name: self.values}, self.path.rsplit(".", 1)[0] + ".png", xlabel="epoch",
+                  ylabel=self.name, title="validation (learning curve)")
 
 
 class TrainingCheckpoint:
@@ -107,9 +173,8 @@ class TrainingCheckpoint:
 
     def _save(self, engine: Engine) -> None:
         os.makedirs(self.save_dir, exist_ok=True)
-        tmp = self.path + ".partial"
-        torch.save({name: obj.state_dict() for name, obj in self._objects.items()}, tmp)
-        os.replace(tmp, self.path)
+        state = {name: obj.state_dict() for name, obj in self._objects.items()}
+        DiskSaver(self.save_dir, atomic=True, require_empty=False)(state, self.filename)
 
 
 class TrainableState:
@@ -169,16 +234,12 @@ class LossHistory:
             self.first.append(loss)
 
     def _epoch(self, engine: Engine) -> None:
-        from .workflow import write_json
-
         if self._running:
             self.epoch_losses.append(sum(self._running) / len(self._running))
         self._running = []
         epochs = list(range(1, len(self.epoch_losses) + 1))
         write_json(self.path, {"epochs": epochs, "loss": self.epoch_losses, "first_iterations": self.first,
                                "iterations": int(engine.state.iteration)})
-        from .plots import line_plot
-
         line_plot(epochs, {"training loss": self.epoch_losses}, self.path.rsplit(".", 1)[0] + ".png",
                   xlabel="epoch", ylabel="loss", title="stage-1 training loss")
 
@@ -199,10 +260,9 @@ class LoRAHubSearch:
 
     def __init__(self, network, loader, loss_function, batches: int = 4, iterations: int = 40, interval: int = 1,
                  device: str | torch.device = "cpu") -> None:
-        from .fusion import LoRAHubFusion
-
         self.network = network
         self.fusions = [m for m in network.modules() if isinstance(m, LoRAHubFusion)]
+        self.sites = [m for m in network.modules() if isinstance(m, ExpertAttention) and isinstance(m.fusion, LoRAHubFusion)]
         self.loader = loader
         self.loss_function = loss_function
         self.batches = batches
@@ -221,8 +281,6 @@ class LoRAHubSearch:
         return total / len(data)
 
     def __call__(self, engine: Engine) -> None:
-        from .fusion import lorahub_search
-
         if (engine.state.epoch - 1) % self.interval:
             return
         data = []
@@ -232,6 +290,9 @@ class LoRAHubSearch:
             data.append((batch["image"].to(self.device), batch["label"].to(self.device)))
         was_training = self.network.training
         self.network.eval()
-        weights = lorahub_search(self.fusions, lambda: self._objective(data), self.iterations)
+        # LoRAHub searches the composed LoRA at full strength: with the SAMora gate at its start value
+        # 0 the experts would not move the loss at all and only the L1 term would act
+        with gates_at(self.sites, 1.0):
+            weights = lorahub_search(self.fusions, lambda: self._objective(data), self.iterations)
         self.network.train(was_training)
         logger.info("LoRAHub weights after epoch %d: %s", engine.state.epoch - 1, [round(float(w), 3) for w in weights])

@@ -21,6 +21,7 @@ from monai.bundle import ConfigParser
 from tqdm import tqdm
 
 from .io import VOLUME_SUFFIXES, VolumeError, check_volume, read_volume, volume_stem
+from .precision import check_precision
 from .workflow import model_card_path
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class BundlePredictor:
     def from_bundle(cls, bundle: str | Path, weights: str | None = None, batch: int | None = None,
                     precision: str | None = None) -> "BundlePredictor":
         """Parse ``bundle/configs/inference.yaml`` and load ``weights`` (default ``models/model.pt``);
-        ``precision`` ("fp32" or "bf16") overrides the card's inference precision."""
+        ``precision`` ("auto", "fp32" or "bf16") overrides the config's ``auto``."""
         bundle = Path(bundle)
         config = bundle / "configs" / "inference.yaml"
         if not config.is_file():
@@ -158,8 +159,8 @@ def main(bundle: str, input: str, output: str, weights: str | None = None, overw
     """CLI: segment a file or folder; one error line per bad input, non-zero exit if any failed."""
     try:
         sources = find_volumes(input)
-        if precision not in (None, "fp32", "bf16"):
-            raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
+        if precision is not None:
+            check_precision(precision)
         predictor = BundlePredictor.from_bundle(bundle, weights, batch, precision)
     except (FileNotFoundError, VolumeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

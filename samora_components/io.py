@@ -27,6 +27,7 @@ from monai.utils import MetaKeys, SpaceKeys
 __all__ = [
     "Volume",
     "VolumeError",
+    "INTENSITY_META",
     "read_volume",
     "check_volume",
     "H5Reader",
@@ -45,12 +46,20 @@ class VolumeError(ValueError):
     """A file that cannot be used as a volume; the message is meant for the user, on one line."""
 
 
+#: metadata key of MONAI MetaTensors (and :class:`Volume` field) saying what a file's intensities are:
+#: ``"scaled01"`` for TransUNet Synapse files (already clipped to [-125, 275] HU and scaled to [0, 1]);
+#: absent for files holding raw values (HU for CT)
+INTENSITY_META = "samora_intensity"
+
+
 @dataclass
 class Volume:
-    """An array (X, Y, Z[, ...]) with its 4x4 voxel-to-world affine (RAS, mm)."""
+    """An array (X, Y, Z[, ...]) with its 4x4 voxel-to-world affine (RAS, mm) and, when the format
+    says so, what its intensities already are (see :data:`INTENSITY_META`)."""
 
     array: np.ndarray
     affine: np.ndarray
+    intensity: str | None = None
 
     @property
     def spacing(self) -> tuple[float, ...]:
@@ -112,7 +121,7 @@ def read_volume(path: str | Path, key: str = "image") -> Volume:
             arrays = _h5_arrays(path)
             if key not in arrays:
                 raise VolumeError(f"{path}: no '{key}' array (has {sorted(arrays)})")
-            return Volume(_orient_h5(arrays[key], path), np.eye(4))
+            return Volume(_orient_h5(arrays[key], path), np.eye(4), "scaled01" if path.endswith(".npy.h5") else None)
         if path.endswith(".npz"):
             with np.load(path) as data:
                 if key not in data:
@@ -120,7 +129,7 @@ def read_volume(path: str | Path, key: str = "image") -> Volume:
                 array = np.asarray(data[key])
             if array.ndim == 2:  # a TransUNet slice (Y, X) -> (X, Y, 1)
                 array = np.ascontiguousarray(array.T)[..., None]
-            return Volume(array, np.eye(4))
+            return Volume(array, np.eye(4), "scaled01")
     except VolumeError:
         raise
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
@@ -233,6 +242,8 @@ class _ArrayReader(ImageReader):
             MetaKeys.SPACE: SpaceKeys.RAS,
             MetaKeys.ORIGINAL_CHANNEL_DIM: "no_channel" if self.channel_dim is None else self.channel_dim,
         }
+        if vol.intensity:
+            meta[INTENSITY_META] = vol.intensity
         return (np.stack(arrays) if len(arrays) > 1 else arrays[0]), meta
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +27,13 @@ from .backbones import build_backbone, frozen_to_eval
 from .decoder import PromptFreeDecoder
 from .fusion import ExpertAttention, build_fusion
 from .lora import LEVELS, LoRAExpert, attach_lora, load_expert
+from .precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SAMoraNet", "METHODS", "PRECISIONS"]
+__all__ = ["SAMoraNet", "METHODS"]
 
 METHODS = ("samed", "samora", "frozen")
-PRECISIONS = ("fp32", "bf16")
 
 
 def _replace(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
@@ -55,15 +56,23 @@ class SAMoraNet(nn.Module):
         method: ``"samed"``, ``"samora"`` or ``"frozen"``.
         rank: LoRA rank.
         levels: expert levels used by ``samora`` (table 5 ablations use one or two).
-        experts: ``{level: path}`` of expert safetensors files for ``samora``.
-        train_experts: let ``samora`` experts train in stage 2 ("scratch" ablation); default frozen.
+        experts: ``{level: path}`` of expert safetensors files for ``samora`` (every level of
+            ``levels`` outside ``scratch_levels`` needs one; a missing file is an error naming the
+            command that creates it). ``None``: no files (weights come from a trained state dict).
+        scratch_levels: levels whose expert is not pre-trained but trains in stage 2 from the LoRA
+            initialisation (the "Scratch" rows of paper tables 5/15); needs ``gate_init != 0``.
+        gate_init / fusion_norm: the SAMora block's gate start value and optional LayerNorm of the
+            fused delta (see :class:`samora_components.fusion.ExpertAttention`).
         fusion: ``"hl_attn"``, ``"lac"``, ``"lorahub"`` or ``"mole"``.
         fusion_order / fusion_width / fusion_heads: HL-Attn configuration.
         in_channels: 1 (repeated to RGB) or 3.
         attention_kernel: how ``samora`` sites compute their attention variants: ``"auto"``,
             ``"fused"`` or ``"chunked"`` (see :class:`samora_components.fusion.ExpertAttention`).
-        precision: ``"fp32"`` or ``"bf16"`` (autocast inside the forward: matrix products and
-            convolutions in bfloat16, logits returned in float32; fast on CPUs with AMX and on GPUs).
+        precision: ``"auto"`` (bf16 where the hardware has native bf16, else fp32; see
+            :mod:`samora_components.precision`), ``"fp32"`` or ``"bf16"`` (autocast inside the
+            forward: matrix products and convolutions in bfloat16, logits returned in float32).
+            Resolved once, for the device the bundles use (CUDA when available, else the CPU);
+            ``self.precision`` holds the result.
 
     Shapes: (B, in_channels, H, W) -> (B, num_classes, H, W).
     """
@@ -78,18 +87,19 @@ class SAMoraNet(nn.Module):
         rank: int = 4,
         levels: tuple[str, ...] | list[str] = LEVELS,
         experts: Mapping[str, str] | None = None,
-        train_experts: bool = False,
+        scratch_levels: tuple[str, ...] | list[str] = (),
+        gate_init: float = 0.0,
+        fusion_norm: bool = False,
         fusion: str = "hl_attn",
         fusion_order: str = "2-1-1",
         fusion_width: int = 128,
         fusion_heads: int = 4,
         in_channels: int = 1,
-        precision: str = "fp32",
+        precision: str = "auto",
         attention_kernel: str = "auto",
     ) -> None:
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        precision = resolve_precision(precision).precision
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         if in_channels not in (1, 3):
@@ -110,11 +120,16 @@ class SAMoraNet(nn.Module):
             self.sites.extend(attach_lora(bb.attention_sites(), rank))
             base_keys = {k.replace(".qkv.", ".qkv.base.") if ".attn.qkv." in k else k for k in base_keys}
         elif method == "samora":
-            levels = tuple(levels)
+            levels, scratch_levels = tuple(levels), tuple(scratch_levels)
+            if set(scratch_levels) - set(levels):
+                raise ValueError(f"scratch levels {scratch_levels} must be among the expert levels {levels}")
+            if scratch_levels and float(gate_init) == 0.0:
+                raise ValueError("experts trained from scratch need gate_init != 0: with the gate at 0 and LoRA B at 0 "
+                                 "neither gets a gradient (the authors' code starts the gate at 1)")
             for attn in bb.attention_sites():
                 dim = attn.qkv.in_features if not hasattr(attn, "key_dim") else attn.norm.normalized_shape[0]
                 fuse = build_fusion(fusion, dim, levels, fusion_order, fusion_width, fusion_heads)
-                site = ExpertAttention(attn, levels, fuse, rank, attention_kernel)
+                site = ExpertAttention(attn, levels, fuse, rank, attention_kernel, gate_init, fusion_norm)
                 _replace(self.encoder, attn, site)
                 self.sites.append(site)
             base_keys = {self._site_key(k) for k in base_keys}
@@ -136,11 +151,13 @@ class SAMoraNet(nn.Module):
         self.experts_meta: dict[str, dict] = {}
         if method == "samora":
             for site in self.sites:
-                site.experts.requires_grad_(train_experts)
-            for level, path in (experts or {}).items():
-                if path:
-                    self.load_expert(level, path)
+                for level, expert in site.experts.items():
+                    expert.requires_grad_(level in scratch_levels)
+            if experts is not None:
+                for level in (lv for lv in levels if lv not in scratch_levels):
+                    self.load_expert(level, (experts or {}).get(level))
         self._register_state_dict_hook(SAMoraNet._drop_base_keys)
+        self._register_load_state_dict_pre_hook(SAMoraNet._drop_retired_keys)
         self.register_load_state_dict_post_hook(SAMoraNet._ignore_missing_base)
 
     # -- state dict: only what training changes ---------------------------------------------------
@@ -159,6 +176,14 @@ class SAMoraNet(nn.Module):
             if key[len(prefix):] in module._base_keys:
                 del state[key]
 
+    #: state-dict entries older weights carry that the network no longer has (SAM's IoU head)
+    RETIRED_KEYS = ("decoder.mask_decoder.iou_prediction_head.",)
+
+    @staticmethod
+    def _drop_retired_keys(state: dict, prefix: str, *args) -> None:
+        for key in [k for k in state if k[len(prefix):].startswith(SAMoraNet.RETIRED_KEYS)]:
+            del state[key]
+
     @staticmethod
     def _ignore_missing_base(module: "SAMoraNet", incompatible) -> None:
         kept = [k for k in incompatible.missing_keys if k not in module._base_keys]
@@ -172,8 +197,13 @@ class SAMoraNet(nn.Module):
             return [site.expert for site in self.sites]
         return [site.experts[level] for site in self.sites]
 
-    def load_expert(self, level: str, path: str) -> dict:
-        """Load an expert file into ``level``; warn when it was made for another backbone."""
+    def load_expert(self, level: str, path: str | None) -> dict:
+        """Load an expert file into ``level``; a missing file, or one made for another backbone, is an error."""
+        if not path or not Path(path).is_file():
+            raise FileNotFoundError(
+                f"no {level}-level expert file at {path}: create it with `python -m samora_components pretrain "
+                f"--bundle <bundle> --level {level}` (stage 1), point `experts#{level}` at one, or train it in "
+                f"stage 2 with `--scratch_levels \"['{level}']\" --gate_init 1.0`")
         meta = load_expert(path, self.site_experts(level))
         if meta.get("backbone") != self.backbone_name:
             raise ValueError(f"expert {path} was trained on backbone {meta.get('backbone')!r}, not {self.backbone_name!r}")

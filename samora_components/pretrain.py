@@ -34,6 +34,7 @@ from torch import nn
 
 from .backbones import build_backbone, frozen_to_eval
 from .lora import LEVELS, LoRAExpert, attach_lora, save_expert
+from .precision import resolve_precision
 from .teachers import freeze
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ __all__ = [
 
 
 def _autocast(x: torch.Tensor, precision: str):
-    return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """bfloat16 autocast when ``precision`` (auto | fp32 | bf16) resolves to bf16 on ``x``'s device."""
+    enabled = resolve_precision(precision, x.device).precision == "bf16"
+    return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 class ExpertStudent(nn.Module):
@@ -100,7 +103,7 @@ class ExpertStudent(nn.Module):
 class _Objective(nn.Module):
     """Shared behaviour: frozen parts stay in eval mode; the trainable parameters are listed."""
 
-    precision = "fp32"
+    precision = "auto"
 
     def frozen_modules(self) -> Sequence[nn.Module]:
         return ()
@@ -118,7 +121,7 @@ class _Objective(nn.Module):
 class ContrastiveCPT(_Objective):
     """Continual pre-training of the SimCLRv2 teacher: NT-Xent between two views (B, 1, H, W)."""
 
-    def __init__(self, teacher: nn.Module, temperature: float = 0.1, precision: str = "fp32") -> None:
+    def __init__(self, teacher: nn.Module, temperature: float = 0.1, precision: str = "auto") -> None:
         super().__init__()
         self.teacher = teacher.requires_grad_(True)
         self.temperature = temperature
@@ -133,7 +136,7 @@ class ContrastiveCPT(_Objective):
 class MaskedCPT(_Objective):
     """Continual pre-training of the MAE teacher: reconstruction of masked patches of (B, 1, H, W)."""
 
-    def __init__(self, teacher: nn.Module, mask_ratio: float = 0.75, norm_pix: bool = True, precision: str = "fp32") -> None:
+    def __init__(self, teacher: nn.Module, mask_ratio: float = 0.75, norm_pix: bool = True, precision: str = "auto") -> None:
         super().__init__()
         self.teacher = teacher.requires_grad_(True)
         self.mask_ratio = mask_ratio
@@ -149,7 +152,7 @@ class MaskedCPT(_Objective):
 class _Distillation(_Objective):
     """A student (frozen encoder + expert) learning from a frozen teacher."""
 
-    def __init__(self, student: ExpertStudent, teacher: nn.Module, precision: str = "fp32") -> None:
+    def __init__(self, student: ExpertStudent, teacher: nn.Module, precision: str = "auto") -> None:
         super().__init__()
         self.student = student
         self.teacher = freeze(teacher)
@@ -170,7 +173,7 @@ class ImageDistillation(_Distillation):
 
     level = "image"
 
-    def __init__(self, student: ExpertStudent, teacher: nn.Module, hidden: int = 2048, precision: str = "fp32") -> None:
+    def __init__(self, student: ExpertStudent, teacher: nn.Module, hidden: int = 2048, precision: str = "auto") -> None:
         super().__init__(student, teacher, precision)
         self.head = Mlp(student.embed_dim, hidden, teacher.feature_dim)
 
@@ -193,7 +196,7 @@ class PatchDistillation(_Distillation):
 
     level = "patch"
 
-    def __init__(self, student: ExpertStudent, teacher: nn.Module, precision: str = "fp32") -> None:
+    def __init__(self, student: ExpertStudent, teacher: nn.Module, precision: str = "auto") -> None:
         super().__init__(student, teacher, precision)
         self.projector = nn.Linear(student.embed_dim, teacher.feature_dim)
 
@@ -263,7 +266,7 @@ class PixelDenoising(_Objective):
     level = "pixel"
 
     def __init__(
-        self, student: ExpertStudent, sigma: float = 0.1, blur_prob: float = 0.0, width: int = 64, precision: str = "fp32"
+        self, student: ExpertStudent, sigma: float = 0.1, blur_prob: float = 0.0, width: int = 64, precision: str = "auto"
     ) -> None:
         super().__init__()
         self.student = student

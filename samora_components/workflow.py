@@ -67,6 +67,7 @@ def evaluate_bundle(
     weights: str | None = None,
     protocol: str = "transunet",
     classes: str | None = None,
+    label_map: str | None = None,
 ) -> dict:
     """Predict a datalist section with the bundle's inference config and score it.
 
@@ -82,7 +83,7 @@ def evaluate_bundle(
         raise ValueError(f"{datalist} has no '{section}' items to evaluate")
     predictor = BundlePredictor.from_bundle(bundle_root, weights)
     cases = predict_datalist(predictor, items, Path(out) / "pred")
-    summary = evaluate_cases(cases, protocol, out, classes or bundle_root)
+    summary = evaluate_cases(cases, protocol, out, classes or bundle_root, label_map)
     logger.info("%s (%s protocol, %d cases):\n%s", section, protocol, len(cases), format_table(summary))
     return summary
 

@@ -18,6 +18,7 @@ from samora_components.inference import BundlePredictor
 from samora_components.lora import save_expert
 from samora_components.network import SAMoraNet
 from samora_components.phantom import generate
+from samora_components.precision import resolve_precision
 from samora_components.workflow import config_files, run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,9 @@ def test_stage2_training_writes_weights_card_and_segments(tmp_path, ct_phantom, 
     assert weights.is_file() and card_file.is_file()
     card = json.loads(card_file.read_text())
     assert (card["method"], card["fusion"], card["img_size"], card["num_classes"]) == (method, fusion, 32, 9)
-    assert card["epochs"] == 2 and card["precision"] == "bf16"
+    # the card records what training ran in: auto resolved for this machine's CPU
+    assert card["epochs"] == 2 and card["precision_requested"] == "auto"
+    assert card["precision"] == resolve_precision("auto").precision
 
     state = torch.load(weights, map_location="cpu", weights_only=True)
     assert state and all(not k.endswith(".attn.base.qkv.weight") for k in state)  # frozen base left out

@@ -268,3 +268,41 @@ def test_choose_slices_and_overlay_without_truth(tmp_path):
     for name in ("p.png", "both.png"):
         data = (tmp_path / "o" / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 3000
+
+
+def test_label_map_scores_btcv_ids_like_synapse_ids(tmp_path):
+    """A BTCV label volume (liver 6, stomach 7, aorta 8, pancreas 11, IVC 9) remapped with
+    btcv_to_synapse scores exactly like the same anatomy written in Synapse ids."""
+    synapse = np.zeros(SHAPE, np.uint8)
+    synapse[1:7, 1:7, 1:5] = 5  # liver
+    synapse[9:13, 2:6, 2:6] = 6  # stomach
+    synapse[14:17, 12:15, 0:8] = 7  # aorta
+    synapse[3:6, 12:16, 3:6] = 8  # pancreas
+    btcv = np.zeros_like(synapse)
+    for syn_id, btcv_id in ((5, 6), (6, 7), (7, 8), (8, 11)):
+        btcv[synapse == syn_id] = btcv_id
+    btcv[17:19, 1:3, 1:3] = 9  # IVC: no Synapse class, must become background
+    pred = synapse.copy()
+    pred[1:7, 1:7, 1] = 0  # a liver slice missed
+    pred[9:13, 2:6, 2] = 0
+    _save(tmp_path / "pred" / "case.nii.gz", pred)
+    _save(tmp_path / "syn" / "case.nii.gz", synapse)
+    _save(tmp_path / "btcv" / "case.nii.gz", btcv)
+    expected = evaluate(str(tmp_path / "pred"), str(tmp_path / "syn"), out=str(tmp_path / "e1"), classes="synapse")
+    remapped = evaluate(str(tmp_path / "pred"), str(tmp_path / "btcv"), out=str(tmp_path / "e2"), classes="synapse",
+                        label_map="btcv_to_synapse")
+    raw = evaluate(str(tmp_path / "pred"), str(tmp_path / "btcv"), out=str(tmp_path / "e3"), classes="synapse")
+    assert remapped == expected
+    assert expected["classes"]["liver"]["dice"] == pytest.approx(2 * 108 / (144 + 108))
+    # without the remap BTCV's liver (6) is scored as the Synapse stomach (6)
+    assert raw["classes"]["stomach"]["dice"] == 0.0 and raw["mean"]["dice"] < expected["mean"]["dice"]
+
+
+def test_cli_label_map_unknown_preset_is_one_line(tmp_path, capsys):
+    _save(tmp_path / "p.nii.gz", _truth())
+    _save(tmp_path / "l.nii.gz", _truth())
+    with pytest.raises(SystemExit) as exit_info:
+        main(str(tmp_path / "p.nii.gz"), str(tmp_path / "l.nii.gz"), out=str(tmp_path / "e"), label_map="nope")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown label map 'nope'") and "\n" not in err

@@ -168,3 +168,95 @@ def test_lorahub_search_lowers_the_objective_without_gradients():
     assert all(torch.equal(f.weights, weights) for f in fusions)  # one weight vector shared by all sites
     assert weights.abs().max() <= 1.5
     assert not any(p.grad is not None for p in net.parameters())
+
+
+def _lorahub_weights(labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Weights chosen by the LoRAHub handler for one labeled batch, starting from gate 0."""
+    from monai.losses import DiceCELoss
+
+    from samora_components.handlers import LoRAHubSearch
+
+    torch.manual_seed(0)
+    net = SAMoraNet(3, backbone="tiny_tinyvit", checkpoint="", method="samora", fusion="lorahub")
+    _randomise_experts(net, std=0.5)
+    assert all(float(site.gate) == 0.0 for site in net.sites)
+    loader = [{"image": images, "label": labels}]
+    search = LoRAHubSearch(net, loader, DiceCELoss(to_onehot_y=True, softmax=True), batches=1, iterations=25)
+
+    class _Engine:  # the handler only reads the epoch number
+        class state:
+            epoch = 1
+
+    search(_Engine)
+    assert all(float(site.gate) == 0.0 for site in net.sites)  # the gate is back where it was
+    return net.sites[0].fusion.weights.clone()
+
+
+def test_lorahub_weights_depend_on_the_data():
+    """LoRAHub searches the composed experts at full strength: different labels give different
+    weights (searched at gate 0, the objective was flat and only the L1 term moved them)."""
+    torch.manual_seed(1)
+    images = torch.rand(4, 1, 64, 64)
+    left = torch.zeros(4, 1, 64, 64, dtype=torch.long)
+    left[..., :32] = 1
+    right = torch.zeros(4, 1, 64, 64, dtype=torch.long)
+    right[..., 16:48, 32:] = 2
+    a, b = _lorahub_weights(left, images), _lorahub_weights(right, images)
+    assert not torch.allclose(a, b, atol=1e-3), (a, b)
+    assert not torch.allclose(a, torch.full((3,), 1 / 3), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "levels,scratch,gate_init",
+    [
+        (("image",), ("image",), 1.0),  # table 5/15 "Scratch" rows, one per level
+        (("patch",), ("patch",), 1.0),
+        (("pixel",), ("pixel",), 1.0),
+        (("image",), (), 0.0),  # "T-S" rows: a pre-trained expert (random stand-in here), frozen
+        (("patch",), (), 0.0),
+        (("image", "patch", "pixel"), (), 0.0),  # full SAMora
+        (("image", "patch", "pixel"), (), 1.0),  # the authors' gate start
+    ],
+)
+def test_every_ablation_row_trains_its_parameters(levels, scratch, gate_init):
+    """Five AdamW steps change every trainable tensor (no deadlock between a zero gate and zero LoRA B)."""
+    torch.manual_seed(0)
+    net = SAMoraNet(3, backbone="tiny_tinyvit", checkpoint="", method="samora", levels=levels, scratch_levels=scratch,
+                    gate_init=gate_init, fusion="hl_attn")
+    with torch.no_grad():  # frozen (pre-trained) experts: non-zero updates; scratch experts keep their LoRA init
+        for site in net.sites:
+            for level, expert in site.experts.items():
+                if level not in scratch:
+                    expert.b_q.normal_(std=0.3)
+                    expert.b_v.normal_(std=0.3)
+    trainable = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+    assert any(".experts." in n for n in trainable) == bool(scratch)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.rand(2, 1, 64, 64), torch.randint(0, 3, (2, 64, 64))
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    unchanged = [n for n, p in net.named_parameters() if p.requires_grad and torch.equal(p, trainable[n])]
+    assert not unchanged, unchanged
+
+
+def test_scratch_experts_need_a_non_zero_gate_and_missing_files_are_errors(tmp_path):
+    with pytest.raises(ValueError, match="gate_init"):
+        SAMoraNet(3, backbone="tiny_tinyvit", checkpoint="", method="samora", levels=("image",), scratch_levels=("image",))
+    missing = str(tmp_path / "lora_patch.safetensors")
+    with pytest.raises(FileNotFoundError, match="lora_patch.safetensors.*pretrain --bundle <bundle> --level patch"):
+        SAMoraNet(3, backbone="tiny_tinyvit", checkpoint="", method="samora", experts={"image": missing, "patch": missing,
+                                                                                      "pixel": missing}, levels=("patch",))
+    with pytest.raises(FileNotFoundError, match="no image-level expert"):
+        SAMoraNet(3, backbone="tiny_tinyvit", checkpoint="", method="samora", experts={})
+    # SAMed ignores expert files entirely
+    SAMoraNet(3, backbone="tiny_tinyvit", checkpoint="", method="samed", experts={"image": missing})
+
+
+def test_gate_init_and_fusion_norm_are_settings():
+    net = SAMoraNet(3, backbone="tiny_vit", checkpoint="", method="samora", gate_init=1.0, fusion_norm=True)
+    assert all(float(site.gate) == 1.0 for site in net.sites)
+    assert all(isinstance(site.fusion_norm, torch.nn.LayerNorm) for site in net.sites)
+    default = SAMoraNet(3, backbone="tiny_vit", checkpoint="", method="samora")
+    assert all(float(site.gate) == 0.0 and isinstance(site.fusion_norm, torch.nn.Identity) for site in default.sites)

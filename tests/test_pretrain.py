@@ -55,9 +55,11 @@ def _run(objective, keys, batches, steps: int, lr: float, optimizer: str = "adam
     return losses
 
 
-def _falls(losses: list[float], fraction: float = 0.3) -> bool:
-    head, tail = losses[:3], losses[-3:]
-    return sum(tail) / 3 <= (1 - fraction) * sum(head) / 3
+def _falls(losses: list[float], fraction: float = 0.3, k: int = 5) -> bool:
+    """The mean of the last ``k`` losses is at least ``fraction`` below the mean of the first ``k``:
+    robust to the step-to-step noise that differs between CPU kernels (AVX2 vs AVX-512)."""
+    head, tail = losses[:k], losses[-k:]
+    return sum(tail) / k <= (1 - fraction) * sum(head) / k
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -84,7 +86,7 @@ def test_image_distillation_learns_with_lars_and_leaves_frozen_parts_untouched(d
     teacher = build_teacher("simclr", "tiny")
     objective = ImageDistillation(student, teacher, hidden=64)
     base, frozen_teacher = _base_encoder_state(student), _snapshot(teacher)
-    losses = _run(objective, ["image"], data, 40, lr=2.0, optimizer="lars")
+    losses = _run(objective, ["image"], data, 40, lr=0.3, optimizer="lars")  # a stable LARS rate
     assert _falls(losses), losses
     assert _same(base, _base_encoder_state(student))
     assert _same(frozen_teacher, _snapshot(teacher))  # BatchNorm statistics included
@@ -125,15 +127,19 @@ def test_denoising_input_is_noisy_clipped_and_optionally_blurred():
     assert roughness(blurred) < 0.5 * roughness(noisy)
 
 
-def test_teacher_cpt_objectives_learn(data):
+def test_mae_cpt_objective_learns(data):
     teacher = build_teacher("mae", "tiny")
     losses = _run(MaskedCPT(teacher, mask_ratio=0.75), ["image"], data, 60, lr=3e-3)
     assert _falls(losses), losses
+
+
+def test_simclr_cpt_objective_learns_at_a_stable_lars_rate():
+    """NT-Xent with LARS at lr 0.3 (stable on every CPU kind; lr 2.0 diverges on some kernels)."""
     simclr = build_teacher("simclr", "tiny")
     images = _slices(16, 64, seed=1)
     views = [{"view1": images[i : i + 8], "view2": images[i : i + 8].flip(-1) * 0.9} for i in (0, 8)]
-    losses = _run(ContrastiveCPT(simclr, temperature=0.1), ["view1", "view2"], views, 40, lr=2.0, optimizer="lars")
-    assert _falls(losses), losses
+    losses = _run(ContrastiveCPT(simclr, temperature=0.1), ["view1", "view2"], views, 40, lr=0.3, optimizer="lars")
+    assert _falls(losses, fraction=0.5), losses
     assert any(p.requires_grad for p in simclr.parameters())
 
 
