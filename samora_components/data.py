@@ -97,27 +97,33 @@ class SliceDataset(Dataset):
             raise ValueError("SliceDataset got no volumes: check the datalist section")
         self.augment = augment
         self.keys = tuple(keys)
-        volumes, counts, names = [], [], []
-        for item in tqdm(data, desc="loading volumes", disable=not progress, leave=False):
-            loaded = volume_transform(dict(item))
-            vol = {k: torch.as_tensor(loaded[k]) for k in self.keys}
-            volumes.append(vol)
-            counts.append(vol[self.keys[0]].shape[-1])
-            names.append(os.path.basename(str(item["image"])))
+        names = [os.path.basename(str(item["image"])) for item in data]
+        # slice counts from the headers: only the volumes that hold chosen slices are loaded (the
+        # Synapse few-shot protocol keeps 221 of 2,211 slices)
+        counts = [axial_slices(str(item["image"])) for item in data]
         self.pairs = select_few_shot(counts, fraction, seed, first_cases)
-        self.items: list[dict] = []
+        chosen: dict[int, list[int]] = {}
         for c, z in self.pairs:
-            item = {k: _plain(volumes[c][k][..., z]) for k in self.keys}
-            if slice_transform is not None:
-                item = slice_transform(item)
-            item = {k: torch.as_tensor(v).contiguous() for k, v in item.items() if k in self.keys}
-            item.update(case=names[c], slice=z)
-            self.items.append(item)
+            chosen.setdefault(c, []).append(z)
+        self.items: list[dict] = []
+        for c in tqdm(sorted(chosen), desc="loading volumes", disable=not progress, leave=False):
+            loaded = volume_transform(dict(data[c]))
+            volume = {k: torch.as_tensor(loaded[k]) for k in self.keys}
+            depth = volume[self.keys[0]].shape[-1]
+            if depth != counts[c]:
+                raise ValueError(f"{data[c]['image']}: {depth} axial slices after loading, {counts[c]} in its header")
+            for z in chosen[c]:
+                item = {k: _plain(volume[k][..., z]) for k in self.keys}
+                if slice_transform is not None:
+                    item = slice_transform(item)
+                item = {k: torch.as_tensor(v).contiguous() for k, v in item.items() if k in self.keys}
+                item.update(case=names[c], slice=z)
+                self.items.append(item)
         if subset_file:
             Path(subset_file).parent.mkdir(parents=True, exist_ok=True)
             with open(subset_file, "w") as handle:
                 json.dump([{"case": names[c], "slice": z} for c, z in self.pairs], handle, indent=1)
-        logger.info("slice dataset: %d slices from %d volumes", len(self.items), len(volumes))
+        logger.info("slice dataset: %d slices from %d volumes", len(self.items), len(chosen))
 
     def __len__(self) -> int:
         return len(self.items)
