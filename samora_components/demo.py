@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from .bench import matmul_peak
 from .data import read_datalist
 from .evaluate import format_table
 from .inference import BundlePredictor, predict_file
@@ -34,6 +36,34 @@ logger = logging.getLogger("samora")
 BUNDLE = "bundles/samora_ct"
 DATASET = "data/phantom_ct"
 METHODS = ("samed", "samora")
+
+# The quick profile's cost, measured with `make demo` on the reference CPU (docs/results.md §1): the
+# share of the wall time each step took, the whole wall time and the fp32 matmul rate there.
+STEP_SHARES = {"stage1": 0.08, "samed": 0.35, "samora": 0.50, "evaluate": 0.05, "infer": 0.02}
+REFERENCE_SECONDS = 830.0
+REFERENCE_GFLOPS = 116.0
+
+
+class RemainingTime:
+    """Expected remaining demo time: first from this machine's measured fp32 matmul rate against the
+    reference machine's, then from the time the finished steps actually took."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self.done = 0.0
+        rate = max(matmul_peak(torch.float32, size=1024, repeats=5) for _ in range(3))  # best of 3: robust to a busy moment
+        self.first_guess = REFERENCE_SECONDS * REFERENCE_GFLOPS / max(rate, 1e-3)
+
+    def finished(self, step: str) -> None:
+        self.done += STEP_SHARES[step]
+
+    def __str__(self) -> str:
+        if self.done <= 0:
+            left = self.first_guess
+        else:
+            elapsed = time.time() - self.start
+            left = elapsed / self.done * max(0.0, 1.0 - self.done)
+        return f"about {left / 60:.1f} min left"
 
 
 def _train(method: str, out: Path, quick: bool) -> Path:
@@ -87,26 +117,30 @@ def _comparison(summaries: dict[str, dict], minutes: dict[str, float]) -> str:
 def main(out: str = "demo_out", quick: bool = True) -> dict:
     """Run the demo and print where everything went; returns the test summaries by method."""
     start = time.time()
+    eta = RemainingTime()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     datalist = f"{DATASET}/datalist.json"
     if not Path(datalist).is_file():
         generate(DATASET, kind="ct", cases=10, seed=0, unlabeled=8)
     print(f"[1/5] phantom data set: {datalist}", flush=True)
-    print("[2/5] stage 1: teachers and the image/patch/pixel experts (quick)", flush=True)
+    print(f"[2/5] stage 1: teachers and the image/patch/pixel experts (quick; {eta})", flush=True)
     pretrain(BUNDLE, "all", quick=quick, dataset_dir=DATASET, expert_dir=str(out_dir / "experts"),
              teacher_dir=str(out_dir / "teachers"), output_dir=f"$'{out_dir}/runs/pretrain_' + @level")
+    eta.finished("stage1")
     weights, summaries, minutes = {}, {}, {}
     for method in METHODS:
-        print(f"[3/5] stage 2: {method} (litemedsam backbone, quick profile)", flush=True)
+        print(f"[3/5] stage 2: {method} (litemedsam backbone, quick profile; {eta})", flush=True)
         began = time.time()
         weights[method] = _train(method, out_dir, quick)
         minutes[method] = (time.time() - began) / 60
-    print("[4/5] evaluating both on the phantom test volumes", flush=True)
+        eta.finished(method)
+    print(f"[4/5] evaluating both on the phantom test volumes ({eta})", flush=True)
     for method in METHODS:
         summaries[method] = evaluate_bundle(BUNDLE, datalist, "test", str(out_dir / method / "eval"), str(weights[method]),
                                             "transunet", BUNDLE)
-    print("[5/5] segmenting one NIfTI volume with SAMora", flush=True)
+    eta.finished("evaluate")
+    print(f"[5/5] segmenting one NIfTI volume with SAMora ({eta})", flush=True)
     test_image = Path(read_datalist(datalist, "test")[0]["image"])
     seg, png = _infer_one(weights["samora"], test_image, out_dir)
     installed = _install(weights["samora"])

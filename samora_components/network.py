@@ -73,6 +73,8 @@ class SAMoraNet(nn.Module):
             forward: matrix products and convolutions in bfloat16, logits returned in float32).
             Resolved once, for the device the bundles use (CUDA when available, else the CPU);
             ``self.precision`` holds the result.
+        fit_windows: TinyViT backbones: attention windows fitted to the token grid (no padding;
+            see :func:`samora_components.backbones.fit_window`).
 
     Shapes: (B, in_channels, H, W) -> (B, num_classes, H, W).
     """
@@ -97,6 +99,7 @@ class SAMoraNet(nn.Module):
         in_channels: int = 1,
         precision: str = "auto",
         attention_kernel: str = "auto",
+        fit_windows: bool = False,
     ) -> None:
         super().__init__()
         precision = resolve_precision(precision).precision
@@ -104,7 +107,8 @@ class SAMoraNet(nn.Module):
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         if in_channels not in (1, 3):
             raise ValueError("in_channels must be 1 or 3")
-        bb = build_backbone(backbone, img_size, checkpoint)
+        bb = build_backbone(backbone, img_size, checkpoint, fit_windows)
+        self.fit_windows = bool(fit_windows)
         self.backbone_name = bb.name
         self.backbone_sha256 = bb.checkpoint_sha256
         self.img_size = bb.img_size
@@ -175,6 +179,25 @@ class SAMoraNet(nn.Module):
         for key in list(state):
             if key[len(prefix):] in module._base_keys:
                 del state[key]
+
+    #: model-card key -> constructor argument, for :meth:`from_card`
+    CARD_ARGS = {
+        "num_classes": "num_classes", "backbone": "backbone", "img_size": "img_size",
+        "backbone_checkpoint": "checkpoint", "method": "method", "lora_rank": "rank", "expert_levels": "levels",
+        "scratch_levels": "scratch_levels", "gate_init": "gate_init", "fusion_norm": "fusion_norm",
+        "fusion": "fusion", "fusion_order": "fusion_order", "fusion_width": "fusion_width",
+        "fusion_heads": "fusion_heads", "fit_windows": "fit_windows",
+    }
+
+    @classmethod
+    def from_card(cls, card: Mapping, **overrides) -> "SAMoraNet":
+        """The network a model card describes (the card written beside trained weights); keys the card
+        lacks keep the constructor's defaults, ``overrides`` (e.g. ``precision``) win. Experts come
+        from the trained state dict, not from files."""
+        kwargs = {arg: card[key] for key, arg in cls.CARD_ARGS.items() if key in card}
+        kwargs["scratch_levels"] = ()  # trained experts are in the weights either way
+        kwargs.update(overrides)
+        return cls(**kwargs)
 
     #: state-dict entries older weights carry that the network no longer has (SAM's IoU head)
     RETIRED_KEYS = ("decoder.mask_decoder.iou_prediction_head.",)

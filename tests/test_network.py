@@ -92,3 +92,17 @@ def test_bad_arguments():
     net = SAMoraNet(3, backbone="tiny_vit", checkpoint="")
     with pytest.raises(ValueError, match="expected input"):
         net(torch.rand(1, 2, 64, 64))
+
+
+def test_network_from_card_follows_every_architecture_key():
+    """Inference builds the network its card describes: keys absent from the card keep the
+    constructor's defaults, and a card with the authors' gate setting gets the LayerNorm too."""
+    card = {"num_classes": 3, "backbone": "tiny_vit", "backbone_checkpoint": "", "method": "samora",
+            "expert_levels": ["image", "patch"], "gate_init": 1.0, "fusion_norm": True, "fusion_width": 16}
+    trained = SAMoraNet(3, backbone="tiny_vit", checkpoint="", method="samora", levels=["image", "patch"],
+                        scratch_levels=["image", "patch"], gate_init=1.0, fusion_norm=True, fusion_width=16)
+    rebuilt = SAMoraNet.from_card(card, precision="fp32")
+    assert rebuilt.precision == "fp32" and rebuilt.fit_windows is False
+    result = rebuilt.load_state_dict(trained.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert any(".fusion_norm.weight" in k for k in trained.state_dict())

@@ -4,6 +4,7 @@ CPU that would emulate it; explicit fp32/bf16 always obeyed."""
 from __future__ import annotations
 
 import json
+import os
 import logging
 
 import pytest
@@ -107,3 +108,12 @@ def test_inference_does_not_inherit_training_bf16_on_an_avx2_cpu(monkeypatch):
     assert BundlePredictor.from_bundle(bundle).network.precision == "fp32"
     P._resolve.cache_clear()
     assert BundlePredictor.from_bundle(bundle, precision="bf16").network.precision == "bf16"  # asked for: obeyed
+
+
+@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY", "").lower() != "avx2",
+                    reason="only under ATEN_CPU_CAPABILITY=avx2 (the second pass of .ci/run)")
+def test_avx2_kernels_really_selected_and_fp32_chosen():
+    """Under the AVX2 restriction torch reports AVX2 kernels and ``auto`` never picks bf16 on the CPU."""
+    assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+    choice = P.resolve_precision("auto", "cpu")
+    assert choice.precision == "fp32"
