@@ -39,9 +39,9 @@ METHODS = ("samed", "samora")
 
 # The quick profile's cost, measured with `make demo` on the reference CPU (docs/results.md §1): the
 # share of the wall time each step took, the whole wall time and the fp32 matmul rate there.
-STEP_SHARES = {"stage1": 0.08, "samed": 0.35, "samora": 0.50, "evaluate": 0.05, "infer": 0.02}
-REFERENCE_SECONDS = 830.0
-REFERENCE_GFLOPS = 116.0
+STEP_SHARES = {"stage1": 0.11, "samed": 0.37, "samora": 0.48, "evaluate": 0.03, "infer": 0.01}
+REFERENCE_SECONDS = 775.0
+REFERENCE_GFLOPS = 125.0
 
 
 class RemainingTime:
