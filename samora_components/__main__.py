@@ -22,7 +22,7 @@ import os
 import sys
 
 # What a user can fix (a wrong path, value, permission): reported as one line, exit status 2.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, OSError)
+USER_ERRORS = (OSError, ValueError)  # OSError covers missing files, folders and permissions
 
 
 def _phantom(out: str, kind: str = "ct", cases: int = 10, seed: int = 0, unlabeled: int = 0) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from segment_anything.modeling import ImageEncoderViT, PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -160,11 +161,11 @@ class FoldedConvBN(torch.nn.Module):
         tensors = (self.c.weight, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var)
         key = tuple((x.data_ptr(), x._version, x.dtype, x.device) for x in tensors)
         if self._folded is None or self._folded[0] != key:
+            bn = self.bn
             with torch.no_grad():
-                scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
-                weight = self.c.weight * scale[:, None, None, None]
-                bias = self.bn.bias - self.bn.running_mean * scale
-            self._folded = (key, weight, bias)
+                weight, bias = fuse_conv_bn_weights(self.c.weight, None, bn.running_mean, bn.running_var, bn.eps,
+                                                    bn.weight, bn.bias)
+            self._folded = (key, weight.detach(), bias.detach())
         return self._folded[1], self._folded[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

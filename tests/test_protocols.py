@@ -215,3 +215,14 @@ def test_few_shot_selection_loads_only_the_chosen_slices(tmp_path):
     assert [c["case"] for c in chosen] == [Path(p).name for p in loaded]
     again = SliceDataset(items, volume_transform, fraction=0.1, seed=0, progress=False)
     assert [it["case"] for it in again.items] == [it["case"] for it in dataset.items]  # seeded
+
+
+def test_cli_reports_a_wrapped_config_error_as_one_line(tmp_path, capsys):
+    """MONAI wraps errors raised while it instantiates a config; the CLI still prints one line, exit 2."""
+    from samora_components.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--bundle", "bundles/samora_ct", "--dataset_dir", str(tmp_path / "none")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: datalist not found")
