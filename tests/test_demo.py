@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from samora_components import demo
+from samora_components.apps import demo
 
 
 def test_step_shares_cover_the_whole_demo():

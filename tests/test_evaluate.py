@@ -11,8 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from samora_components.evaluate import evaluate, format_table, main, match_cases, parse_classes
-from samora_components.plots import choose_slices, overlay
+from samora_components.apps.cli import main as cli
+from samora_components.metrics.reports import evaluate, format_table, main, match_cases, parse_classes
+from samora_components.metrics.plots import choose_slices, overlay
 
 SHAPE = (20, 18, 8)
 SPACING = (2.0, 1.0, 1.5)
@@ -215,7 +216,7 @@ def test_synapse_preset_scores_all_eight_classes(dataset):
 
 def test_main_missing_path_exits_2_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(str(tmp_path / "nope"), str(tmp_path / "labels"), out=str(tmp_path / "out"))
+        cli(["evaluate", "--pred", str(tmp_path / "nope"), "--label", str(tmp_path / "labels"), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -226,7 +227,8 @@ def test_main_missing_path_exits_2_with_one_line(tmp_path, capsys):
 def test_main_unknown_protocol_and_success(dataset, capsys):
     root = dataset["root"]
     with pytest.raises(SystemExit) as exit_info:
-        main(str(root / "preds"), str(root / "labels"), protocol="dice-only", out=str(root / "x"))
+        cli(["evaluate", "--pred", str(root / "preds"), "--label", str(root / "labels"), "--protocol", "dice-only",
+             "--out", str(root / "x")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: unknown protocol 'dice-only'")
@@ -302,7 +304,8 @@ def test_cli_label_map_unknown_preset_is_one_line(tmp_path, capsys):
     _save(tmp_path / "p.nii.gz", _truth())
     _save(tmp_path / "l.nii.gz", _truth())
     with pytest.raises(SystemExit) as exit_info:
-        main(str(tmp_path / "p.nii.gz"), str(tmp_path / "l.nii.gz"), out=str(tmp_path / "e"), label_map="nope")
+        cli(["evaluate", "--pred", str(tmp_path / "p.nii.gz"), "--label", str(tmp_path / "l.nii.gz"), "--out",
+             str(tmp_path / "e"), "--label_map", "nope"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown label map 'nope'") and "\n" not in err

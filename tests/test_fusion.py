@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samora_components.fusion import HLAttn, LACFusion, LoRAHubFusion, MoLEFusion, SingleExpertFusion, parse_order
-from samora_components.lora import LEVELS, LoRAQKV, qkv_rows
-from samora_components.network import SAMoraNet
+from samora_components.networks.fusion import HLAttn, LACFusion, LoRAHubFusion, MoLEFusion, SingleExpertFusion, parse_order
+from samora_components.networks.lora import LEVELS, LoRAQKV, qkv_rows
+from samora_components.networks.samora_net import SAMoraNet
 
 
 def _randomise_experts(net: SAMoraNet, std: float = 0.3) -> None:
@@ -32,7 +32,7 @@ def test_gate_zero_gives_the_frozen_encoder(backbone):
         assert not torch.allclose(net.embed(x), ref.embed(x), atol=1e-3)
 
 
-@pytest.mark.parametrize("kernel", ["fused", "chunked"])
+@pytest.mark.parametrize("kernel", ["reference", "fused", "chunked"])
 @pytest.mark.parametrize("backbone", ["tiny_vit", "tiny_tinyvit", "litemedsam"])
 def test_expert_deltas_equal_separately_adapted_attention(backbone, kernel):
     """d_e from the batched call equals Attn with the expert merged into qkv, minus base Attn."""
@@ -59,7 +59,7 @@ def test_expert_deltas_equal_separately_adapted_attention(backbone, kernel):
         base = site.base
         a0 = base(x)
         for level in LEVELS:
-            adapted = LoRAQKV(base.qkv, qkv_rows(base), 4)
+            adapted = LoRAQKV(base.qkv, qkv_rows(base, site.layout), 4)
             adapted.expert.load_state_dict(site.experts[level].state_dict())
             original, base.qkv = base.qkv, adapted
             expected = base(x) - a0
@@ -134,6 +134,48 @@ def test_ablations_and_baselines_build_and_train(fusion, levels, kind):
         assert any(".fusion." in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())
 
 
+@pytest.mark.parametrize("kernel", ["fused", "chunked"])
+@pytest.mark.parametrize("backbone", ["tiny_vit", "tiny_tinyvit"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_kernels_equal_the_reference_computation(backbone, kernel, grad):
+    """Whole site outputs (fusion and gate included) and, when training, input gradients."""
+    net = SAMoraNet(3, backbone=backbone, checkpoint="", method="samora", gate_init=0.7, attention_kernel="reference")
+    _randomise_experts(net, std=0.5)
+    site = net.sites[0]
+    shape = (3, 8, 8, site.base.qkv.in_features) if site.layout == "sam_vit" else (3, 49, site.base.qkv.in_features)
+    x = torch.randn(shape, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        outputs = {}
+        for name in ("reference", kernel):
+            site.kernel = name
+            out = site(x)
+            grad_x = torch.autograd.grad(out.square().sum(), x)[0] if grad else None
+            outputs[name] = (out.detach(), grad_x)
+    assert torch.allclose(outputs[kernel][0], outputs["reference"][0], atol=1e-5)
+    if grad:
+        assert torch.allclose(outputs[kernel][1], outputs["reference"][1], atol=1e-4)
+
+
+def test_single_expert_fusion_passes_its_delta_through():
+    deltas = {lv: torch.randn(2, 5, 8) for lv in LEVELS}
+    fusion = SingleExpertFusion("pixel")
+    assert fusion(deltas, torch.randn(2, 5, 8)) is deltas["pixel"]
+    net = SAMoraNet(3, backbone="tiny_tinyvit", checkpoint="", method="samora", levels=("pixel",), gate_init=1.0)
+    assert not any(p.requires_grad for site in net.sites for p in site.fusion.parameters())
+    site = net.sites[0]
+    x = torch.randn(2, 49, site.base.qkv.in_features)
+    _randomise_experts(net, std=0.5)
+    with torch.no_grad():
+        expert = site.experts["pixel"]
+        adapted = LoRAQKV(site.base.qkv, qkv_rows(site.base, site.layout), 4)
+        adapted.expert.load_state_dict(expert.state_dict())
+        a0 = site.base(x)
+        original, site.base.qkv = site.base.qkv, adapted
+        a_e = site.base(x)
+        site.base.qkv = original
+        assert torch.allclose(site(x), a0 + (a_e - a0), atol=1e-5)  # gate 1: a0 + d_pixel
+
+
 def test_lac_and_mole_are_weighted_sums():
     deltas = {lv: torch.randn(1, 4, 8) for lv in LEVELS}
     lac = LACFusion(LEVELS)
@@ -144,7 +186,7 @@ def test_lac_and_mole_are_weighted_sums():
 
 def test_lorahub_search_lowers_the_objective_without_gradients():
     """The search finds weights that reproduce a target made with known expert weights."""
-    from samora_components.fusion import lorahub_search
+    from samora_components.networks.fusion import lorahub_search
 
     torch.manual_seed(0)
     net = SAMoraNet(3, backbone="tiny_tinyvit", checkpoint="", method="samora", fusion="lorahub").eval()
@@ -174,7 +216,7 @@ def _lorahub_weights(labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor
     """Weights chosen by the LoRAHub handler for one labeled batch, starting from gate 0."""
     from monai.losses import DiceCELoss
 
-    from samora_components.handlers import LoRAHubSearch
+    from samora_components.engines.handlers import LoRAHubSearch
 
     torch.manual_seed(0)
     net = SAMoraNet(3, backbone="tiny_tinyvit", checkpoint="", method="samora", fusion="lorahub")

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from samora_components.inference import BundlePredictor, main
-from samora_components.network import SAMoraNet
+from samora_components.apps.cli import main as cli
+from samora_components.bundle.inference import BundlePredictor, main
+from samora_components.networks.samora_net import SAMoraNet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +132,7 @@ def test_bad_input_gives_one_error_line_nonzero_exit_and_no_output(bundle, tmp_p
     path = _bad_inputs(inputs)[case]
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main(str(bundle), str(path), str(out))
+        cli(["infer", "--bundle", str(bundle), "--input", str(path), "--output", str(out)])
     assert exit_info.value.code != 0
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -155,8 +156,9 @@ def test_a_folder_with_one_bad_volume_writes_the_good_ones(bundle, tmp_path, cap
 def test_missing_weights_and_bundle_are_clear_errors(tmp_path, capsys):
     src = _save(_volume(), np.eye(4), tmp_path / "x.nii.gz")
     with pytest.raises(SystemExit):
-        main(str(tmp_path / "nowhere"), str(src), str(tmp_path / "out"))
+        cli(["infer", "--bundle", str(tmp_path / "nowhere"), "--input", str(src), "--output", str(tmp_path / "out")])
     assert capsys.readouterr().err.startswith("error: ")
     with pytest.raises(SystemExit):
-        main(str(REPO / "bundles" / "samora_ct"), str(src), str(tmp_path / "out"), weights=str(tmp_path / "none.pt"))
+        cli(["infer", "--bundle", str(REPO / "bundles" / "samora_ct"), "--input", str(src), "--output", str(tmp_path / "out"),
+             "--weights", str(tmp_path / "none.pt")])
     assert "none.pt" in capsys.readouterr().err

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samora_components.backbones import build_backbone
-from samora_components.lora import LoRAExpert, LoRAQKV, load_expert, qkv_rows, read_expert_metadata, save_expert
+from samora_components.networks.backbones import build_backbone
+from samora_components.networks.lora import LoRAExpert, LoRAQKV, load_expert, qkv_rows, read_expert_metadata, save_expert
 
 
 def _rows_by_probe(attn, which: int) -> torch.Tensor:
@@ -24,7 +24,7 @@ def _rows_by_probe(attn, which: int) -> torch.Tensor:
 def test_qkv_rows_match_the_attention_split(name):
     bb = build_backbone(name, img_size=64 if name.startswith("tiny") else 256, checkpoint=None if name == "litemedsam" else "")
     for attn in bb.attention_sites():
-        rows = qkv_rows(attn)
+        rows = qkv_rows(attn, bb.attention_layout)
         assert torch.equal(rows.q, _rows_by_probe(attn, 0))
         assert torch.equal(rows.k, _rows_by_probe(attn, 1))
         assert torch.equal(rows.v, _rows_by_probe(attn, 2))
@@ -40,14 +40,14 @@ def test_init_b_zero_a_kaiming_and_identity_at_start():
     with torch.no_grad():
         ref = bb.encoder(x)
         for attn in bb.attention_sites():
-            attn.qkv = LoRAQKV(attn.qkv, qkv_rows(attn), 4)
+            attn.qkv = LoRAQKV(attn.qkv, qkv_rows(attn, bb.attention_layout), 4)
         assert torch.equal(bb.encoder(x), ref)  # B = 0: adapted encoder equals the base
 
 
 def test_update_touches_only_q_and_v_rows():
     bb = build_backbone("tiny_tinyvit", checkpoint="")
     attn = bb.attention_sites()[0]
-    rows = qkv_rows(attn)
+    rows = qkv_rows(attn, bb.attention_layout)
     layer = LoRAQKV(attn.qkv, rows, 4)
     torch.nn.init.normal_(layer.expert.b_q)
     torch.nn.init.normal_(layer.expert.b_v)
@@ -68,7 +68,7 @@ def test_expert_file_round_trip_and_effect(tmp_path):
     base_state = {k: v.clone() for k, v in bb.encoder.state_dict().items()}
     layers = []
     for attn in bb.attention_sites():
-        attn.qkv = LoRAQKV(attn.qkv, qkv_rows(attn), 4)
+        attn.qkv = LoRAQKV(attn.qkv, qkv_rows(attn, bb.attention_layout), 4)
         layers.append(attn.qkv)
         torch.nn.init.normal_(attn.qkv.expert.b_q, std=0.5)
         torch.nn.init.normal_(attn.qkv.expert.b_v, std=0.5)
@@ -82,7 +82,7 @@ def test_expert_file_round_trip_and_effect(tmp_path):
     fresh.encoder.load_state_dict(base_state)
     fresh_layers = []
     for attn in fresh.attention_sites():
-        attn.qkv = LoRAQKV(attn.qkv, qkv_rows(attn), 4)
+        attn.qkv = LoRAQKV(attn.qkv, qkv_rows(attn, bb.attention_layout), 4)
         fresh_layers.append(attn.qkv)
     with torch.no_grad():
         assert torch.allclose(fresh.encoder(x), base, atol=1e-6)

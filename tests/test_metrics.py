@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation, binary_erosion, gaussian_filter
 
-from samora_components.metrics import case_metrics, dc, empty_result, hd95, summarise
+from samora_components.metrics.cases import case_metrics, dc, empty_result, hd95, summarise
 
 medpy_binary = pytest.importorskip("medpy.metric.binary")
 
@@ -239,7 +239,7 @@ def test_parity_on_real_labels():
     label_file = TOTALSEG / "example_seg_fast_force_split.nii.gz"
     if not label_file.is_file():
         pytest.skip(f"real example labels not available ({label_file})")
-    from samora_components.io import read_volume
+    from samora_components.data.io import read_volume
 
     volume = read_volume(label_file, key="label")
     full = np.asarray(volume.array)

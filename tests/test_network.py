@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samora_components.backbones import build_backbone
-from samora_components.decoder import PromptFreeDecoder
-from samora_components.network import SAMoraNet
+from samora_components.networks.backbones import build_backbone
+from samora_components.networks.decoders import PromptFreeDecoder
+from samora_components.networks.samora_net import SAMoraNet
 
 
 def test_decoder_shapes_and_class_tokens():

@@ -1,4 +1,4 @@
-"""Tests of the synthetic CT / MR phantom generator (samora_components.phantom)."""
+"""Tests of the synthetic CT / MR phantom generator (samora_components.data.phantom)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 
-from samora_components import phantom
-from samora_components.phantom import CT_TISSUE_HU, SYNAPSE_CLASSES, generate, main, make_ct_case, make_mr_case
+from samora_components.data import phantom
+from samora_components.data.phantom import CT_TISSUE_HU, SYNAPSE_CLASSES, generate, main, make_ct_case, make_mr_case
 
 ORGANS = {name: index for index, name in enumerate(SYNAPSE_CLASSES)}
 TISSUE = {name: index for index, name in enumerate(CT_TISSUE_HU)}

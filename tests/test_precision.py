@@ -10,15 +10,27 @@ import logging
 import pytest
 import torch
 
-from samora_components import precision as P
-from samora_components.network import SAMoraNet
+from samora_components.networks import precision as P
+from samora_components.networks.samora_net import SAMoraNet
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache():
+def _fresh_cache(monkeypatch):
+    monkeypatch.delenv(P.ENV_VAR, raising=False)  # the suite pins auto to fp32 (conftest); here auto is tested
     P._resolve.cache_clear()
     yield
     P._resolve.cache_clear()
+
+
+@pytest.mark.parametrize("forced", ["fp32", "bf16"])
+def test_the_environment_fixes_what_auto_means(monkeypatch, forced):
+    monkeypatch.setenv(P.ENV_VAR, forced)
+    assert P.resolve_precision("auto", "cpu").precision == forced
+    other = "bf16" if forced == "fp32" else "fp32"
+    assert P.resolve_precision(other, "cpu").precision == other  # explicit requests still win
+    monkeypatch.setenv(P.ENV_VAR, "fp64")
+    with pytest.raises(ValueError, match="SAMORA_PRECISION"):
+        P.resolve_precision("auto", "cpu")
 
 
 def _cpu(monkeypatch, flags: dict, level: str = "AVX512", onednn: str | None = None) -> None:
@@ -98,7 +110,7 @@ def test_inference_does_not_inherit_training_bf16_on_an_avx2_cpu(monkeypatch):
     """The shipped MR model was trained in bf16 (its card says so); an AVX2-only CPU runs it in fp32."""
     from pathlib import Path
 
-    from samora_components.inference import BundlePredictor
+    from samora_components.bundle.inference import BundlePredictor
 
     bundle = Path(__file__).resolve().parents[1] / "bundles" / "samora_mr"
     if not (bundle / "models" / "model.pt").is_file():

@@ -9,9 +9,9 @@ import torch
 from ignite.engine import Engine, Events
 from torch.utils.data import DataLoader, TensorDataset
 
-from samora_components.lora import load_expert, read_expert_metadata
-from samora_components.network import SAMoraNet
-from samora_components.pretrain import (
+from samora_components.networks.lora import load_expert, read_expert_metadata
+from samora_components.networks.samora_net import SAMoraNet
+from samora_components.engines.pretrain import (
     ContrastiveCPT,
     ExpertExport,
     ExpertStudent,
@@ -20,9 +20,8 @@ from samora_components.pretrain import (
     PatchDistillation,
     PixelDenoising,
     PretrainStep,
-    expert_metadata,
 )
-from samora_components.teachers import build_teacher
+from samora_components.networks.teachers import build_teacher
 
 
 def _slices(n: int = 16, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -148,8 +147,9 @@ def test_expert_file_loads_into_a_fresh_encoder_and_changes_its_output(tmp_path,
     objective = PatchDistillation(student, build_teacher("mae", "tiny"))
     engine = Engine(PretrainStep(objective, torch.optim.AdamW(objective.trainable_parameters(), lr=3e-3), "cpu"))
     path = tmp_path / "experts" / "lora_patch.safetensors"
-    meta = expert_metadata(student, "patch", str(tmp_path / "datalist.json"), 16, {"kind": "mae"}, {"epochs": 2})
-    ExpertExport(student, str(path), meta).attach(engine)
+    teacher = objective.teacher
+    ExpertExport(student, str(path), "patch", str(tmp_path / "datalist.json"), range(16), {"kind": "mae"}, {"epochs": 2},
+                 teacher).attach(engine)
     engine.run(data, max_epochs=2)
     read = read_expert_metadata(path)
     assert read["level"] == "patch" and read["backbone"] == "tiny_tinyvit" and read["rank"] == 4
@@ -173,8 +173,8 @@ def test_expert_file_loads_into_a_fresh_encoder_and_changes_its_output(tmp_path,
 
 def test_bundle_stage1_quick_all_levels(tmp_path):
     """``pretrain --level all`` through the bundle configs: teachers and three expert files written."""
-    from samora_components.phantom import generate
-    from samora_components.workflow import pretrain
+    from samora_components.data.phantom import generate
+    from samora_components.bundle.workflow import pretrain
 
     datalist = generate(str(tmp_path / "phantom_ct"), "ct", cases=2, unlabeled=2, shape=(48, 48, 8))
     steps = pretrain(
@@ -197,7 +197,7 @@ def test_bundle_stage1_quick_all_levels(tmp_path):
 
 
 def test_pretrain_rejects_bad_levels_and_paths(tmp_path):
-    from samora_components.workflow import pretrain
+    from samora_components.bundle.workflow import pretrain
 
     with pytest.raises(ValueError, match="unknown level"):
         pretrain("bundles/samora_ct", "voxel")

@@ -15,9 +15,9 @@ import torch
 from monai.bundle import ConfigParser
 from monai.losses import DiceCELoss
 
-from samora_components.phantom import generate
-from samora_components.schedules import WarmupCosine, WarmupPoly, scaled_lr
-from samora_components.workflow import config_files, run_config
+from samora_components.data.phantom import generate
+from samora_components.engines.schedules import WarmupCosine, WarmupPoly, scaled_lr
+from samora_components.bundle.workflow import config_files, run_config
 
 REPO = Path(__file__).resolve().parents[1]
 CT = REPO / "bundles" / "samora_ct"
@@ -219,7 +219,7 @@ def test_few_shot_selection_loads_only_the_chosen_slices(tmp_path):
 
 def test_cli_reports_a_wrapped_config_error_as_one_line(tmp_path, capsys):
     """MONAI wraps errors raised while it instantiates a config; the CLI still prints one line, exit 2."""
-    from samora_components.__main__ import main
+    from samora_components.apps.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--bundle", "bundles/samora_ct", "--dataset_dir", str(tmp_path / "none")])

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from samora_components.inference import BundlePredictor
-from samora_components.metrics import case_metrics
+from samora_components.bundle.inference import BundlePredictor
+from samora_components.metrics.cases import case_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "samora_mr"

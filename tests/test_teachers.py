@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samora_components.teachers import (
+from samora_components.networks.teachers import (
     MAETeacher,
     SimCLRTeacher,
     build_teacher,
@@ -23,7 +23,7 @@ from samora_components.teachers import (
     sincos_pos_embed,
 )
 
-LOGGER = "samora_components.teachers"
+LOGGER = "samora_components.networks.teachers"
 
 
 @pytest.fixture(autouse=True)

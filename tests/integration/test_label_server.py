@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from samora_components import label_server as ls
+from samora_components.apps import label_server as ls
 
 REPO = Path(__file__).resolve().parents[2]
 CT_BUNDLE = REPO / "bundles" / "samora_ct"
@@ -99,14 +99,18 @@ def _small_card(bundle: Path, num_classes: int = 9) -> None:
 def test_weights_are_checked_against_the_model_card(tmp_path):
     import torch
 
-    from samora_components.network import SAMoraNet
+    from samora_components.networks.samora_net import SAMoraNet
 
     bundle = _bundle(tmp_path, "samora_ct", weights=False)
     _small_card(bundle)
     served = ls.ServedBundle(bundle, "samora_ct")
     weights = bundle / "models" / "model.pt"
-
     torch.save(SAMoraNet(num_classes=9, backbone="litemedsam", img_size=64).state_dict(), weights)
+    with pytest.raises(ls.LabelServerError, match=r"img_size=64 \(config: 256\)"):  # the card and the config disagree
+        ls.check_bundle(served)
+
+    config = bundle / "configs" / "inference.yaml"
+    config.write_text(config.read_text().replace("\nimg_size: 256\n", "\nimg_size: 64\n"))
     ls.check_bundle(served)  # fits: no error
     assert served.labels["spleen"] == 1 and "background" not in served.labels
 

@@ -69,7 +69,7 @@ def _make_bundle(root: Path) -> tuple[Path, dict[str, int]]:
     """Copy of the CT bundle's configs with a small network's weights and model card."""
     import torch
 
-    from samora_components.network import SAMoraNet
+    from samora_components.networks.samora_net import SAMoraNet
 
     bundle = root / MODEL
     shutil.copytree(REPO / "bundles" / MODEL / "configs", bundle / "configs")
@@ -86,7 +86,7 @@ def _make_bundle(root: Path) -> tuple[Path, dict[str, int]]:
 
 def _make_study(folder: Path) -> Path:
     """A small phantom CT whose axes are permuted and flipped relative to RAS."""
-    from samora_components.phantom import make_ct_case
+    from samora_components.data.phantom import make_ct_case
 
     folder.mkdir()
     image, _ = make_ct_case(np.random.default_rng(0), shape=(48, 40, 12), spacing=(8.0, 9.6, 20.0))
@@ -100,7 +100,7 @@ def _make_study(folder: Path) -> Path:
 
 def _make_mr_study(folder: Path) -> Path:
     """A small synthetic MR volume (one bright structure) in RAS."""
-    from samora_components.phantom import make_mr_case
+    from samora_components.data.phantom import make_mr_case
 
     image, _ = make_mr_case(np.random.default_rng(1), shape=(64, 56, 10), spacing=(1.9, 2.1, 10.0))
     path = folder / f"{MR_STUDY}.nii.gz"
@@ -144,7 +144,7 @@ def server(tmp_path_factory):
     log_path = root / "server.log"
     env = dict(os.environ, MONAI_LABEL_SESSION_PATH=str(root / "sessions"), PYTHONUNBUFFERED="1")
     command = [
-        str(LABEL_PYTHON), "-m", "samora_components.label_server",
+        str(LABEL_PYTHON), "-m", "samora_components.apps.label_server",
         "--studies", str(root / "studies"), "--port", str(port),
         "--bundles", *served, "--app-dir", str(root / "app"),
     ]  # fmt: skip
@@ -233,7 +233,7 @@ def test_infer_returns_a_label_volume_on_the_study_grid(server, tmp_path):
     np.testing.assert_allclose(label.affine, study.affine, atol=1e-3)
 
     # the server's answer is what `python -m samora_components infer` gives for the same bundle
-    from samora_components.inference import BundlePredictor
+    from samora_components.bundle.inference import BundlePredictor
 
     expected = BundlePredictor.from_bundle(server["bundle"])(str(server["study"]))
     assert (values == expected).mean() > 0.99
@@ -250,7 +250,7 @@ def test_shipped_mr_model_segments_an_mr_study(server, tmp_path):
     assert label.shape == study.shape and set(np.unique(values).tolist()) <= {0, 1}
     np.testing.assert_allclose(label.affine, study.affine, atol=1e-3)
 
-    from samora_components.inference import BundlePredictor
+    from samora_components.bundle.inference import BundlePredictor
 
     expected = BundlePredictor.from_bundle(SHIPPED_MR)(str(server["mr_study"]))
     assert (values == expected).mean() > 0.99

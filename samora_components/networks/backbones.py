@@ -46,6 +46,7 @@ class _ViTConfig:
     decoder_mlp_dim: int = 2048
     decoder_heads: int = 8
     decoder_depth: int = 2
+    attention_layout: str = "sam_vit"
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class _TinyViTConfig:
     decoder_mlp_dim: int = 2048
     decoder_heads: int = 8
     decoder_depth: int = 2
+    attention_layout: str = "tinyvit"
 
 
 BACKBONES: dict[str, _ViTConfig | _TinyViTConfig] = {
@@ -312,6 +314,13 @@ class Backbone:
         if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
         return x
+
+    @property
+    def attention_layout(self) -> str:
+        """How the sites' fused qkv is laid out and what they take (:data:`ATTENTION_LAYOUTS`):
+        ``sam_vit`` ((B, H, W, C) in, ``[q | k | v]``, decomposed relative position) or ``tinyvit``
+        ((B, N, C) in, normalised inside, per-head ``[q k v]``, learned bias)."""
+        return self.config.attention_layout
 
     def attention_sites(self) -> list[torch.nn.Module]:
         """The encoder's attention modules (each has a fused ``qkv`` linear), in forward order."""

@@ -63,14 +63,14 @@ import json
 import logging
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from .io import volume_stem
-from .transforms import LABEL_MAPS, SYNAPSE_NAMES, remap_labels
+from samora_components.data.io import volume_stem
+from samora_components.data.transforms import LABEL_MAPS, SYNAPSE_NAMES, remap_labels
+from samora_components.utils import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -202,15 +202,13 @@ def _read_label(path: Path) -> tuple[np.ndarray, object]:
 
 
 def _save_label(array: np.ndarray, like: object, dest: Path) -> Path:
-    """Write ``array`` as a uint8 NIfTI with the geometry of image ``like``: temp name, then os.replace."""
+    """Write ``array`` as a uint8 NIfTI with the geometry of image ``like``, atomically."""
     import nibabel as nib
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
     header = like.header.copy()
     header.set_data_dtype(np.uint8)
-    tmp = dest.with_name(f".partial-{dest.name}")
-    nib.save(type(like)(np.asarray(array, dtype=np.uint8), like.affine, header), str(tmp))
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        nib.save(type(like)(np.asarray(array, dtype=np.uint8), like.affine, header), str(tmp))
     return dest
 
 
@@ -512,11 +510,7 @@ def _relative(content: dict, base: Path) -> dict:
 def write_datalist(content: dict, out: str | Path) -> Path:
     """Write a datalist JSON atomically; paths below its folder become relative."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(json.dumps(_relative(content, out.parent), indent=2) + "\n")
-    tmp.replace(out)
-    return out
+    return write_json(out, _relative(content, out.parent))
 
 
 _MR_KINDS = {"la": (la_datalist, 4), "promise12": (promise12_datalist, 3)}
@@ -552,13 +546,8 @@ def main(kind: str, src: str, out: str | None = None, validation: int = 0, label
     """
     path = Path(out) if out else Path(src) / "datalist.json"
     labels_dir = path.parent / LABELS_DIR
-    try:
-        content = build_datalist(kind, src, labels_dir, validation, labeled, modality)
-        write_datalist(content, path)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+    content = build_datalist(kind, src, labels_dir, validation, labeled, modality)
+    write_datalist(content, path)
     counts = ", ".join(f"{len(content[s])} {s}" for s in ("training", "validation", "test", "unlabeled"))
     remapped = f"; labels remapped ({content['label_source']}) into {labels_dir}" if "label_source" in content else ""
     print(f"wrote {path}: {counts}{remapped}")

@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import build_backbone, frozen_to_eval
-from .decoder import PromptFreeDecoder
-from .fusion import ExpertAttention, build_fusion
-from .lora import LEVELS, LoRAExpert, attach_lora, load_expert
-from .precision import resolve_precision
+from samora_components.networks.backbones import build_backbone, frozen_to_eval
+from samora_components.networks.decoders import PromptFreeDecoder
+from samora_components.networks.expert_attention import ExpertAttention
+from samora_components.networks.fusion import build_fusion
+from samora_components.networks.lora import LEVELS, LoRAExpert, attach_lora, load_expert
+from samora_components.networks.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class SAMoraNet(nn.Module):
 
     Args:
         num_classes: C, background included.
-        backbone: a name of :data:`samora_components.backbones.BACKBONES`.
+        backbone: a name of :data:`samora_components.networks.backbones.BACKBONES`.
         img_size: model input size (default: the backbone's).
         checkpoint: SAM-format weights; ``None`` = embedded default where one exists, ``""`` = random.
         method: ``"samed"``, ``"samora"`` or ``"frozen"``.
@@ -62,19 +63,19 @@ class SAMoraNet(nn.Module):
         scratch_levels: levels whose expert is not pre-trained but trains in stage 2 from the LoRA
             initialisation (the "Scratch" rows of paper tables 5/15); needs ``gate_init != 0``.
         gate_init / fusion_norm: the SAMora block's gate start value and optional LayerNorm of the
-            fused delta (see :class:`samora_components.fusion.ExpertAttention`).
+            fused delta (see :class:`samora_components.networks.expert_attention.ExpertAttention`).
         fusion: ``"hl_attn"``, ``"lac"``, ``"lorahub"`` or ``"mole"``.
         fusion_order / fusion_width / fusion_heads: HL-Attn configuration.
         in_channels: 1 (repeated to RGB) or 3.
         attention_kernel: how ``samora`` sites compute their attention variants: ``"auto"``,
-            ``"fused"`` or ``"chunked"`` (see :class:`samora_components.fusion.ExpertAttention`).
+            ``"fused"`` or ``"chunked"`` (see :class:`samora_components.networks.expert_attention.ExpertAttention`).
         precision: ``"auto"`` (bf16 where the hardware has native bf16, else fp32; see
-            :mod:`samora_components.precision`), ``"fp32"`` or ``"bf16"`` (autocast inside the
+            :mod:`samora_components.networks.precision`), ``"fp32"`` or ``"bf16"`` (autocast inside the
             forward: matrix products and convolutions in bfloat16, logits returned in float32).
             Resolved once, for the device the bundles use (CUDA when available, else the CPU);
             ``self.precision`` holds the result.
         fit_windows: TinyViT backbones: attention windows fitted to the token grid (no padding;
-            see :func:`samora_components.backbones.fit_window`).
+            see :func:`samora_components.networks.backbones.fit_window`).
 
     Shapes: (B, in_channels, H, W) -> (B, num_classes, H, W).
     """
@@ -108,6 +109,13 @@ class SAMoraNet(nn.Module):
         if in_channels not in (1, 3):
             raise ValueError("in_channels must be 1 or 3")
         bb = build_backbone(backbone, img_size, checkpoint, fit_windows)
+        #: the architecture in model-card terms (see :mod:`samora_components.bundle.cards`)
+        self.architecture = {
+            "method": method, "backbone": bb.name, "backbone_checkpoint": checkpoint, "img_size": bb.img_size,
+            "num_classes": num_classes, "lora_rank": rank, "expert_levels": list(levels), "fusion": fusion,
+            "fusion_order": fusion_order, "fusion_width": fusion_width, "fusion_heads": fusion_heads,
+            "gate_init": float(gate_init), "fusion_norm": bool(fusion_norm), "fit_windows": bool(fit_windows),
+        }
         self.fit_windows = bool(fit_windows)
         self.backbone_name = bb.name
         self.backbone_sha256 = bb.checkpoint_sha256
@@ -121,7 +129,7 @@ class SAMoraNet(nn.Module):
         base_keys = {f"encoder.{k}" for k in self.encoder.state_dict()}
         self.sites: list[nn.Module] = []
         if method == "samed":
-            self.sites.extend(attach_lora(bb.attention_sites(), rank))
+            self.sites.extend(attach_lora(bb.attention_sites(), bb.attention_layout, rank))
             base_keys = {k.replace(".qkv.", ".qkv.base.") if ".attn.qkv." in k else k for k in base_keys}
         elif method == "samora":
             levels, scratch_levels = tuple(levels), tuple(scratch_levels)
@@ -131,9 +139,8 @@ class SAMoraNet(nn.Module):
                 raise ValueError("experts trained from scratch need gate_init != 0: with the gate at 0 and LoRA B at 0 "
                                  "neither gets a gradient (the authors' code starts the gate at 1)")
             for attn in bb.attention_sites():
-                dim = attn.qkv.in_features if not hasattr(attn, "key_dim") else attn.norm.normalized_shape[0]
-                fuse = build_fusion(fusion, dim, levels, fusion_order, fusion_width, fusion_heads)
-                site = ExpertAttention(attn, levels, fuse, rank, attention_kernel, gate_init, fusion_norm)
+                fuse = build_fusion(fusion, attn.qkv.in_features, levels, fusion_order, fusion_width, fusion_heads)
+                site = ExpertAttention(attn, bb.attention_layout, levels, fuse, rank, attention_kernel, gate_init, fusion_norm)
                 _replace(self.encoder, attn, site)
                 self.sites.append(site)
             base_keys = {self._site_key(k) for k in base_keys}

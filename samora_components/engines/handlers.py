@@ -13,9 +13,11 @@ from ignite.handlers import Checkpoint, DiskSaver
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 from monai.handlers import ValidationHandler
 
-from .fusion import ExpertAttention, LoRAHubFusion, gates_at, lorahub_search
-from .plots import line_plot
-from .workflow import model_card_path, write_json
+from samora_components.networks.expert_attention import ExpertAttention, gates_at
+from samora_components.networks.fusion import LoRAHubFusion, lorahub_search
+from samora_components.metrics.plots import line_plot
+from samora_components.bundle.cards import model_card_path
+from samora_components.utils import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +247,7 @@ class LossHistory:
 
 
 class LoRAHubSearch:
-    """Runs LoRAHub's gradient-free expert-weight search (:func:`samora_components.fusion.lorahub_search`)
+    """Runs LoRAHub's gradient-free expert-weight search (:func:`samora_components.networks.fusion.lorahub_search`)
     at the start of every ``interval``-th epoch, on the first ``batches`` batches of ``loader``, with
     the rest of the network fixed; in between, the decoder trains by gradient as usual.
 

@@ -27,7 +27,6 @@ and ``datalist.json`` with relative paths); each case ``i`` is drawn from its ow
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from samora_components.utils import atomic_path, write_json
 
 __all__ = [
     "SYNAPSE_CLASSES",
@@ -536,14 +537,13 @@ def make_mr_case(
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
-    """Write ``array`` (X, Y, Z) to ``path`` (.nii.gz) atomically via ``*.partial.nii.gz``."""
+    """Write ``array`` (X, Y, Z) to ``path`` (.nii.gz) atomically."""
     image = nib.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    partial = path[: -len(".nii.gz")] + ".partial.nii.gz"
-    nib.save(image, partial)
-    os.replace(partial, path)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
 
 
 def _split_sizes(cases: int, test_fraction: float, val_cases: int) -> tuple[int, int, int]:
@@ -621,11 +621,7 @@ def generate(
         "unlabeled": extra,
     }
     path = os.path.join(out, "datalist.json")
-    partial = os.path.join(out, "datalist.partial.json")
-    with open(partial, "w") as handle:
-        json.dump(content, handle, indent=2)
-        handle.write("\n")
-    os.replace(partial, path)
+    write_json(path, content)
     return path
 
 

@@ -27,11 +27,15 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from .network import SAMoraNet
-from .precision import cpu_summary, resolve_precision
+from samora_components.networks.samora_net import SAMoraNet
+from samora_components.networks.precision import cpu_summary, resolve_precision
+from samora_components.bundle.inference import BundlePredictor
+from samora_components.data.datasets import read_datalist
+from samora_components.data.io import volume_stem
 
 __all__ = ["benchmark", "matmul_peak", "main", "precision_agreement"]
 
@@ -149,12 +153,6 @@ def precision_agreement(bundle: str, datalist: str, section: str = "test", weigh
     "per_case": {case: agreement}}``; ``agreement`` is the fraction of all voxels with the same label,
     ``foreground_agreement`` the same fraction over voxels that either run labels non-background.
     """
-    from pathlib import Path
-
-    from .data import read_datalist
-    from .inference import BundlePredictor
-    from .io import volume_stem
-
     items = read_datalist(datalist, section)
     if not items:
         raise ValueError(f"{datalist} has no '{section}' items")

@@ -32,6 +32,9 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from samora_components.utils import atomic_path
+from collections.abc import Sequence
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -495,11 +498,8 @@ def save_teacher(teacher: SimCLRTeacher | MAETeacher, path: str | Path) -> None:
     else:
         own = {k: v for k, v in teacher.state_dict().items() if not k.startswith("encoder.")}
         payload = {"model": {**teacher.encoder.state_dict(), **own}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def freeze(teacher: nn.Module) -> nn.Module:
@@ -509,16 +509,21 @@ def freeze(teacher: nn.Module) -> nn.Module:
 
 
 def build_teacher(kind: str, config: str = "official", checkpoint: str | Path | None = None,
-                  img_size: int | None = None) -> SimCLRTeacher | MAETeacher:
-    """Build a teacher in eval mode.
+                  img_size: int | None = None, fallbacks: Sequence[str | Path | None] = ()) -> SimCLRTeacher | MAETeacher:
+    """Build a teacher in eval mode; ``teacher.checkpoint`` records the file it was loaded from.
 
     Args:
         kind: ``'simclr'`` (image level) or ``'mae'`` (patch level).
         config: ``'official'`` (r50_2x_sk1 / MAE ViT-L/16) or ``'tiny'`` (small, random, for tests/CPU).
         checkpoint: official-format file to load (see :func:`load_simclr_checkpoint`,
-            :func:`load_mae_checkpoint`); without one the teacher starts from random weights.
+            :func:`load_mae_checkpoint`); it must exist.
         img_size: input side the slices are resized to (default 224, tiny 64).
+        fallbacks: without ``checkpoint``, the first of these files that exists is loaded (stage 1:
+            the continually pre-trained teacher, then the official initial weights); when none
+            exists the teacher starts from random weights.
     """
+    if not checkpoint:
+        checkpoint = next((path for path in fallbacks if path and Path(path).is_file()), None)
     if kind not in TEACHER_CONFIGS:
         raise ValueError(f"unknown teacher {kind!r}; choose one of {sorted(TEACHER_CONFIGS)}")
     if config not in TEACHER_CONFIGS[kind]:
@@ -531,4 +536,5 @@ def build_teacher(kind: str, config: str = "official", checkpoint: str | Path | 
         (load_simclr_checkpoint if kind == "simclr" else load_mae_checkpoint)(teacher, checkpoint)
     else:
         logger.warning("%s teacher (%s): no checkpoint given, starting from random weights", kind, config)
+    teacher.checkpoint = str(checkpoint) if checkpoint else None
     return teacher.eval()

@@ -24,6 +24,8 @@ import numpy as np
 from monai.data import ImageReader
 from monai.utils import MetaKeys, SpaceKeys
 
+from samora_components.utils import first_line
+
 __all__ = [
     "Volume",
     "VolumeError",
@@ -137,7 +139,7 @@ def read_volume(path: str | Path, key: str = "image") -> Volume:
     except PermissionError:
         raise VolumeError(f"{path}: permission denied") from None
     except Exception as err:  # readers raise many types for bad files
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise VolumeError(f"{path}: not a readable volume ({reason})") from None
     raise VolumeError(f"{path}: unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)})")
 
@@ -178,7 +180,7 @@ def axial_slices(path: str | Path, key: str = "image") -> int:
     except VolumeError:
         raise
     except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise VolumeError(f"{path}: not a readable volume ({reason})") from None
     raise VolumeError(f"{path}: unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)})")
 

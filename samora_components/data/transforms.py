@@ -18,7 +18,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, ScaleIntensityRange
 
-from .io import INTENSITY_META
+from samora_components.data.io import INTENSITY_META
 
 __all__ = ["LABEL_MAPS", "RemapLabelsd", "remap_labels", "resolve_label_map", "SYNAPSE_NAMES", "CTWindowd"]
 

@@ -5,8 +5,8 @@ An *expert* is one LoRA per attention site of an encoder. Each site's update is
     qkv'(x) = qkv(x) + scatter_q(B_q A_q x) + scatter_v(B_v A_v x)
 
 with A (r, C) Kaiming-uniform (a = sqrt 5) and B (n, r) zeros, no scaling, so a fresh expert
-leaves the encoder unchanged. The rows of q and v inside the fused output depend on the layout:
-``[q | k | v]`` for SAM's ViT, head-interleaved ``[q_h k_h v_h]`` for TinyViT.
+leaves the encoder unchanged. The rows of q and v inside the fused output depend on the layout the
+backbone declares: ``[q | k | v]`` for SAM's ViT, head-interleaved ``[q_h k_h v_h]`` for TinyViT.
 
 Experts are saved as safetensors files with their metadata (backbone, checkpoint hash, rank,
 targets, level, input size, data summary) so that they can be moved between tasks.
@@ -25,8 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from samora_components.utils import atomic_path
+
 __all__ = [
-    "QKVRows", "qkv_rows", "LoRAExpert", "LoRAQKV", "attach_lora", "save_expert", "load_expert", "read_expert_metadata",
+    "ATTENTION_LAYOUTS", "QKVRows", "qkv_rows", "LoRAExpert", "LoRAQKV", "attach_lora", "save_expert", "load_expert", "read_expert_metadata",
     "LEVELS",
 ]
 
@@ -49,11 +51,18 @@ class QKVRows:
     dv: int
 
 
-def qkv_rows(attn: nn.Module) -> QKVRows:
-    """Locate q, k, v rows of ``attn.qkv`` for SAM ViT and TinyViT attention modules."""
+#: how an attention module lays out its fused qkv output (declared by each backbone):
+#: ``sam_vit`` = ``[q | k | v]``, ``tinyvit`` = per head ``[q_h(kd) k_h(kd) v_h(d)]``
+ATTENTION_LAYOUTS = ("sam_vit", "tinyvit")
+
+
+def qkv_rows(attn: nn.Module, layout: str) -> QKVRows:
+    """Locate the q, k, v rows of ``attn.qkv`` for an attention module of the given layout."""
+    if layout not in ATTENTION_LAYOUTS:
+        raise ValueError(f"attention layout must be one of {', '.join(ATTENTION_LAYOUTS)}, got {layout!r}")
     out = attn.qkv.out_features
     heads = attn.num_heads
-    if hasattr(attn, "key_dim"):  # TinyViT: per head [q(kd) k(kd) v(d)]
+    if layout == "tinyvit":
         kd, d = attn.key_dim, attn.d
         stride = 2 * kd + d
         base = torch.arange(heads)[:, None] * stride
@@ -123,14 +132,15 @@ class LoRAQKV(nn.Module):
         return F.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
 
 
-def attach_lora(sites: list[nn.Module], rank: int = 4) -> list[LoRAQKV]:
-    """Wrap the ``qkv`` projection of every attention module in ``sites`` with a :class:`LoRAQKV`.
+def attach_lora(sites: list[nn.Module], layout: str, rank: int = 4) -> list[LoRAQKV]:
+    """Wrap the ``qkv`` projection of every attention module in ``sites`` (of the backbone's
+    ``layout``) with a :class:`LoRAQKV`.
 
     Returns the wrappers in site order; their experts are the only new trainable parameters.
     """
     wrapped = []
     for attn in sites:
-        attn.qkv = LoRAQKV(attn.qkv, qkv_rows(attn), rank)
+        attn.qkv = LoRAQKV(attn.qkv, qkv_rows(attn, layout), rank)
         wrapped.append(attn.qkv)
     return wrapped
 
@@ -148,11 +158,8 @@ def save_expert(experts: list[LoRAExpert], path: str | Path, metadata: dict) -> 
     meta = {k: json.dumps(v) for k, v in metadata.items()}
     meta["num_sites"] = json.dumps(len(experts))
     meta["rank"] = json.dumps(experts[0].rank if experts else 0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def read_expert_metadata(path: str | Path) -> dict:

@@ -9,7 +9,6 @@ input's exact shape and affine, and atomic writes that never leave a partial fil
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,11 @@ import torch
 from monai.bundle import ConfigParser
 from tqdm import tqdm
 
-from .io import VOLUME_SUFFIXES, VolumeError, check_volume, read_volume, volume_stem
-from .precision import check_precision
-from .workflow import model_card_path
+from samora_components.data.io import VOLUME_SUFFIXES, VolumeError, check_volume, read_volume, volume_stem
+from samora_components.networks.precision import check_precision
+from samora_components.bundle.cards import apply_card, model_card_path, read_model_card
+from samora_components.utils import atomic_path, first_line
+from samora_components.metrics.reports import Case
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +58,12 @@ class BundlePredictor:
         if not card.is_file():
             raise FileNotFoundError(f"no model card {card} beside {weights}: training writes it; it says which network the weights fit")
         parser["bundle_root"] = str(bundle)
-        parser["model_file"] = str(weights)  # its card (same name, .json) describes the network
+        parser["model_file"] = str(weights)
+        apply_card(parser, read_model_card(weights))  # the card (same name, .json) describes the network
         if batch:
             parser["inferer#sw_batch_size"] = int(batch)
         if precision:
-            parser["network_def#precision"] = precision
+            parser["precision"] = precision
         network = parser.get_parsed_content("network")
         state = torch.load(weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state, strict=True)
@@ -115,13 +117,8 @@ def _save_like(label: np.ndarray, source: Path, target: Path) -> None:
         img.set_sform(*ref.get_sform(coded=True))
     else:
         img = nib.Nifti1Image(label, read_volume(source).affine)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name.replace(".nii.gz", ".partial.nii.gz"))
-    try:
+    with atomic_path(target) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def predict_file(predictor: BundlePredictor, source: Path, target: Path) -> np.ndarray:
@@ -131,8 +128,7 @@ def predict_file(predictor: BundlePredictor, source: Path, target: Path) -> np.n
     try:
         label = predictor(str(source))
     except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise VolumeError(f"{source}: inference failed ({reason})") from err
+        raise VolumeError(f"{source}: inference failed ({first_line(err)})") from err
     if label.shape != array.shape:
         raise VolumeError(f"{source}: prediction shape {label.shape} differs from the image {array.shape}")
     _save_like(label.reshape(volume.array.shape), source, target)
@@ -141,8 +137,6 @@ def predict_file(predictor: BundlePredictor, source: Path, target: Path) -> np.n
 
 def predict_datalist(predictor: BundlePredictor, items: list[dict], out: Path, overwrite: bool = True) -> list:
     """Predict every ``image`` of datalist items into ``out``; return evaluation cases (pred, label)."""
-    from .evaluate import Case
-
     cases = []
     for item in tqdm(items, desc="predict", unit="vol"):
         source = Path(item["image"])
@@ -156,15 +150,12 @@ def predict_datalist(predictor: BundlePredictor, items: list[dict], out: Path, o
 
 def main(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int = 16,
          precision: str | None = None) -> None:
-    """CLI: segment a file or folder; one error line per bad input, non-zero exit if any failed."""
-    try:
-        sources = find_volumes(input)
-        if precision is not None:
-            check_precision(precision)
-        predictor = BundlePredictor.from_bundle(bundle, weights, batch, precision)
-    except (FileNotFoundError, VolumeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """CLI: segment a file or folder; one error line per bad input, non-zero exit if any failed (the
+    CLI reports errors that stop the whole run, such as a missing bundle, in one line)."""
+    sources = find_volumes(input)
+    if precision is not None:
+        check_precision(precision)
+    predictor = BundlePredictor.from_bundle(bundle, weights, batch, precision)
     out_dir = Path(output)
     failed, written, skipped = 0, [], 0
     for source in tqdm(sources, desc="volumes", unit="vol", disable=len(sources) < 2):

@@ -8,8 +8,8 @@ What it does, in order:
 
 1. picks the bundles to serve (default: every ``bundles/*`` folder with ``configs/inference.yaml``);
    a bundle without ``models/model.pt`` is skipped with one line on stderr, and so is one whose
-   weights do not load strictly (``torch.load(..., weights_only=True)``) into the network that its
-   ``inference.yaml`` builds from ``models/model.json``;
+   model card (``models/model.json``) disagrees with the architecture its ``inference.yaml`` writes
+   out, or whose weights do not load strictly (``torch.load(..., weights_only=True)``) into that network;
 2. writes the app folder (default ``build/monailabel``, git-ignored): a copy of the ``monaibundle``
    sample app shipped inside the installed monailabel wheel, with ``model/<bundle name>`` linking
    to each bundle, so every model is found locally;
@@ -31,6 +31,9 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from samora_components.bundle.cards import check_card, read_model_card
+from samora_components.utils import first_line
 
 __all__ = [
     "APP_CONF",
@@ -138,23 +141,23 @@ def check_bundle(bundle: ServedBundle) -> None:
         if key not in parser.config:
             raise LabelServerError(f"configs/inference.yaml has no '{key}'")
     network = parser.get_parsed_content("network_def", instantiate=True)
+    card = read_model_card(bundle.path / "models" / "model.pt")
+    try:
+        check_card(network, card, bundle.path / "models" / "model.pt")
+    except ValueError as err:
+        raise LabelServerError(f"models/model.json does not fit configs/inference.yaml ({first_line(err)})") from err
     try:
         state = torch.load(bundle.path / "models" / "model.pt", map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated files
-        raise LabelServerError(f"models/model.pt does not load as a plain state dict ({_first_line(err)})") from err
+        raise LabelServerError(f"models/model.pt does not load as a plain state dict ({first_line(err)})") from err
     if not isinstance(state, dict):
         raise LabelServerError("models/model.pt is not a state dict")
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise LabelServerError(
-            f"models/model.pt does not fit the network of models/model.json ({_first_line(err)})"
+            f"models/model.pt does not fit the network of models/model.json ({first_line(err)})"
         ) from err
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def sample_app_dir() -> Path:
@@ -220,7 +223,7 @@ def _is_loopback(host: str) -> bool:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m samora_components.label_server",
+        prog="python -m samora_components.apps.label_server",
         description="Start a MONAI Label server on a folder of NIfTI studies with the SAMora bundles as models.",
     )
     parser.add_argument("--studies", required=True, help="folder of NIfTI volumes (*.nii.gz, *.nii)")

@@ -22,7 +22,8 @@ from monai.data import MetaTensor, load_decathlon_datalist
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .io import axial_slices, volume_stem
+from samora_components.data.io import axial_slices, volume_stem
+from samora_components.utils import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +121,7 @@ class SliceDataset(Dataset):
                 item.update(case=names[c], slice=z)
                 self.items.append(item)
         if subset_file:
-            Path(subset_file).parent.mkdir(parents=True, exist_ok=True)
-            with open(subset_file, "w") as handle:
-                json.dump([{"case": names[c], "slice": z} for c, z in self.pairs], handle, indent=1)
+            write_json(subset_file, [{"case": names[c], "slice": z} for c, z in self.pairs])
         logger.info("slice dataset: %d slices from %d volumes", len(self.items), len(chosen))
 
     def __len__(self) -> int:
@@ -138,7 +137,7 @@ class SliceDataset(Dataset):
 class VolumeSlices(Dataset):
     """Axial slices of a pool of volumes, cut on the fly (the unlabeled pool of stage 1).
 
-    Only the headers are read up front (:func:`samora_components.io.axial_slices`); a volume is
+    Only the headers are read up front (:func:`samora_components.data.io.axial_slices`); a volume is
     loaded through ``volume_transform`` the first time one of its slices is drawn and kept in a
     least-recently-used cache of ``cache_volumes`` volumes (per data-loader worker).
 

@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import matmul_peak
-from .data import read_datalist
-from .evaluate import format_table
-from .inference import BundlePredictor, predict_file
-from .io import read_volume
-from .phantom import generate
-from .plots import choose_slices, overlay_grid
-from .workflow import evaluate_bundle, pretrain, run_config
+from samora_components.apps.bench import matmul_peak
+from samora_components.data.datasets import read_datalist
+from samora_components.metrics.reports import format_table
+from samora_components.bundle.inference import BundlePredictor, predict_file
+from samora_components.data.io import read_volume
+from samora_components.data.phantom import generate
+from samora_components.metrics.plots import choose_slices, overlay_grid
+from samora_components.bundle.workflow import evaluate_bundle, pretrain, run_config
 
 logger = logging.getLogger("samora")
 

@@ -1,7 +1,7 @@
 """Figures for evaluation: per-class Dice/HD95 bars and image overlays with truth/prediction contours.
 
 Everything draws with matplotlib's Agg backend (no display needed) and writes PNG files atomically
-(a temporary file in the same folder, then ``os.replace``), so a reader never sees half a file.
+(:func:`samora_components.utils.atomic_path`), so a reader never sees half a file.
 
 Slices are 2-D arrays (X, Y) cut from (X, Y, Z) RAS volumes; they are drawn in the radiological
 convention: X (towards the patient's right in RAS arrays) increases to the viewer's left, Y
@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import matplotlib
 
@@ -25,6 +24,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from samora_components.utils import atomic_path  # noqa: E402
+
 __all__ = ["bar_chart", "overlay", "overlay_grid", "choose_slices", "save_figure", "line_plot"]
 
 _UNITS = {"transunet": "voxels", "spacing": "mm"}
@@ -32,16 +33,10 @@ _ANNOTATE_MAX = 30  # bars labelled with their value up to this many classes
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
-    """Write ``fig`` as PNG to ``path`` atomically (temporary file, then ``os.replace``) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write ``fig`` as PNG to ``path`` atomically and close it."""
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
 
@@ -76,7 +71,7 @@ def _bars(ax, names: list[str], values: list[float], mean: float, colour: str, y
 
 def bar_chart(summary: dict, path: str | os.PathLike) -> None:
     """Per-class Dice (0..1, top panel) and HD95 (bottom panel) bars with mean lines, from a
-    :func:`samora_components.metrics.summarise` dict; written as PNG to ``path``."""
+    :func:`samora_components.metrics.cases.summarise` dict; written as PNG to ``path``."""
     names = list(summary["classes"])
     dice = [float(summary["classes"][n]["dice"]) for n in names]
     distance = [float(summary["classes"][n]["hd95"]) for n in names]

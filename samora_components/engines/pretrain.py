@@ -32,10 +32,10 @@ from monai.networks.blocks import UnetOutBlock, UnetResBlock
 from timm.layers import Mlp
 from torch import nn
 
-from .backbones import build_backbone, frozen_to_eval
-from .lora import LEVELS, LoRAExpert, attach_lora, save_expert
-from .precision import resolve_precision
-from .teachers import freeze
+from samora_components.networks.backbones import build_backbone, frozen_to_eval
+from samora_components.networks.lora import LEVELS, LoRAExpert, attach_lora, save_expert
+from samora_components.networks.precision import resolve_precision
+from samora_components.networks.teachers import freeze, save_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class ExpertStudent(nn.Module):
     """Frozen SAM encoder with one trainable LoRA expert (rank r, q and v) at every attention site.
 
     Args:
-        backbone / img_size / checkpoint / fit_windows: see :func:`samora_components.backbones.build_backbone`.
+        backbone / img_size / checkpoint / fit_windows: see :func:`samora_components.networks.backbones.build_backbone`.
         rank: LoRA rank.
 
     ``forward``: slices (B, 1|3, H, W) in [0, 1] -> image embedding (B, E, g, g), or with
@@ -77,7 +77,7 @@ class ExpertStudent(nn.Module):
         bb = build_backbone(backbone, img_size, checkpoint, fit_windows)
         self._bb = bb
         self.encoder = bb.encoder
-        self.sites = attach_lora(bb.attention_sites(), rank)
+        self.sites = attach_lora(bb.attention_sites(), bb.attention_layout, rank)
         self.rank = rank
         self.backbone_name = bb.name
         self.backbone_sha256 = bb.checkpoint_sha256
@@ -356,12 +356,27 @@ def expert_metadata(student: ExpertStudent, level: str, datalist: str, pool_slic
 
 class ExpertExport:
     """Writes the student's expert to ``path`` (safetensors + metadata) after every epoch and at the
-    end, so an interrupted run still leaves its latest expert; the file is replaced atomically."""
+    end, so an interrupted run still leaves its latest expert; the file is replaced atomically.
 
-    def __init__(self, student: ExpertStudent, path: str, metadata: dict) -> None:
+    Args:
+        student: the stage-1 student whose expert is written.
+        path: the expert file.
+        level: image, patch or pixel.
+        datalist: the datalist of the unlabeled pool; ``pool``: the pool (its length is recorded).
+        source: what the expert learned from, e.g. ``{"kind": "simclrv2", "config": ...}``; a
+            ``teacher`` given too adds the checkpoint it was built from.
+        recipe: optimizer settings to record.
+        teacher: the teacher module (``build_teacher`` records its checkpoint on it), if any.
+    """
+
+    def __init__(self, student: ExpertStudent, path: str, level: str, datalist: str, pool: Sequence,
+                 source: dict | None = None, recipe: dict | None = None, teacher: nn.Module | None = None) -> None:
         self.student = student
         self.path = path
-        self.metadata = dict(metadata)
+        source = dict(source or {})
+        if teacher is not None:
+            source["checkpoint"] = getattr(teacher, "checkpoint", None)
+        self.metadata = expert_metadata(student, level, datalist, len(pool), source, recipe)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -387,8 +402,6 @@ class TeacherExport:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from .teachers import save_teacher
-
         save_teacher(self.teacher, self.path)
         if engine.state.epoch == engine.state.max_epochs:
             logger.info("continually pre-trained teacher written to %s", self.path)

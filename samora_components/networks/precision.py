@@ -28,6 +28,9 @@ __all__ = ["PRECISIONS", "PrecisionChoice", "native_bf16", "resolve_precision", 
 
 #: what a config or the command line may ask for
 PRECISIONS = ("auto", "fp32", "bf16")
+#: environment variable that fixes what ``auto`` means on this machine (``fp32`` or ``bf16``), e.g.
+#: to reproduce a run from another CPU kind; explicit ``fp32``/``bf16`` requests still win
+ENV_VAR = "SAMORA_PRECISION"
 
 # oneDNN ISA names (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) that keep its bfloat16 kernels native
 _ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
@@ -103,9 +106,11 @@ def native_bf16(device: str | torch.device = "cpu") -> tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _resolve(requested: str, device_type: str) -> PrecisionChoice:
+def _resolve(requested: str, device_type: str, forced: str) -> PrecisionChoice:
     native, why = native_bf16(device_type)
-    if requested == "fp32":
+    if requested == "auto" and forced in ("fp32", "bf16"):
+        choice = PrecisionChoice(forced, requested, f"auto: {ENV_VAR}={forced}")
+    elif requested == "fp32":
         choice = PrecisionChoice("fp32", requested, "asked for fp32")
     elif requested == "bf16":
         note = "" if native else "; slow here: " + why
@@ -121,9 +126,12 @@ def resolve_precision(requested: str | None = "auto", device: str | torch.device
     available, else the CPU). Logs one line per distinct request and device saying what was chosen
     and why."""
     requested = check_precision(requested)
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced and forced not in PRECISIONS:
+        raise ValueError(f"{ENV_VAR}={forced!r}: must be one of {', '.join(PRECISIONS)}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return _resolve(requested, torch.device(device).type)
+    return _resolve(requested, torch.device(device).type, forced)
 
 
 def cpu_summary() -> dict:

@@ -4,13 +4,17 @@
 [--classes synapse|binary|a,b,c|classes.json|metadata.json] [--image I]``
 
 ``P``, ``L`` (and ``I``) are each one volume file or a folder of them; folder files are matched by
-name without their volume suffix (:func:`samora_components.io.volume_stem`). Files are read with
-:func:`samora_components.io.read_volume` (h5/npz arrays under the key ``label``, images under
+name without their volume suffix (:func:`samora_components.data.io.volume_stem`). Files are read with
+:func:`samora_components.data.io.read_volume` (h5/npz arrays under the key ``label``, images under
 ``image``); the voxel spacing comes from the label volume's affine.
 
 Writes into ``--out``: ``metrics.csv`` (one row per case), ``summary.csv`` and ``summary.json``
-(per-class and overall means, see :func:`samora_components.metrics.summarise`), ``dice_bar.png``
+(per-class and overall means, see :func:`samora_components.metrics.cases.summarise`), ``dice_bar.png``
 and, with ``--image``, ``overlays/<case>.png``. Every file is written atomically.
+
+A bundle's ``configs/evaluate.yaml`` runs a MONAI ``SupervisedEvaluator`` with two handlers of this
+module: :class:`PredictionWriter` writes each prediction on its input's grid and :class:`CaseReport`
+scores the written files with :func:`evaluate_cases` when the run completes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -27,11 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import VOLUME_SUFFIXES, VolumeError, read_volume, volume_stem
-from .transforms import remap_labels, resolve_label_map
-from .metrics import as_label_map, case_metrics, check_protocol, empty_result, summarise
+from samora_components.data.io import VOLUME_SUFFIXES, VolumeError, check_volume, read_volume, volume_stem
+from samora_components.data.transforms import remap_labels, resolve_label_map
+from samora_components.metrics.cases import as_label_map, case_metrics, check_protocol, empty_result, summarise
+from samora_components.utils import write_json, write_text
+from samora_components.metrics.plots import bar_chart, choose_slices, overlay_grid
 
-__all__ = ["CLASS_PRESETS", "Case", "evaluate", "evaluate_cases", "parse_classes", "match_cases", "format_table", "main"]
+__all__ = [
+    "CLASS_PRESETS", "Case", "evaluate", "evaluate_cases", "parse_classes", "match_cases", "format_table", "main",
+    "check_weights", "PredictionWriter", "CaseReport",
+]
 
 CLASS_PRESETS: dict[str, dict[int, str]] = {
     "synapse": {
@@ -63,25 +73,13 @@ def _warn(message: str) -> None:
 # atomic writes
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
     """CSV with a header row; floats keep full precision (``nan`` for missing values)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    _write_text(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,15 +320,13 @@ def _write_summary(out: Path, summary: dict) -> None:
     rows = [[name, v["dice"], v["hd95"]] for name, v in summary["classes"].items()]
     rows.append(["mean", summary["mean"]["dice"], summary["mean"]["hd95"]])
     _write_csv(out / "summary.csv", ["class", "dice", "hd95"], rows)
-    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
 
 
 def _write_overlay(
     case: Case, gt: np.ndarray, pred: np.ndarray, names: Mapping[int, str], out: Path, mean_dice: float
 ) -> None:
     """``overlays/<case>.png``: the slices with most truth foreground (prediction if no truth)."""
-    from .plots import choose_slices, overlay_grid
-
     image = _drop_trailing_axes(np.asarray(read_volume(case.image, key="image").array))
     if image.shape != gt.shape:
         _warn(f"case {case.name}: image shape {image.shape} differs from label shape {gt.shape}, no overlay")
@@ -406,14 +402,14 @@ def evaluate(
         classes: see :func:`parse_classes`; None scores ids 1..largest label found, named ``class_<id>``.
         image: optional image file or folder (matched like labels) for ``overlays/<case>.png``.
         label_map: remap the *label* files' ids before scoring, as training does (a preset of
-            :data:`samora_components.transforms.LABEL_MAPS` such as ``btcv_to_synapse``, or a mapping).
+            :data:`samora_components.data.transforms.LABEL_MAPS` such as ``btcv_to_synapse``, or a mapping).
 
     Returns:
-        The :func:`samora_components.metrics.summarise` dict.
+        The :func:`samora_components.metrics.cases.summarise` dict.
 
     Raises:
         ValueError: unknown protocol, nothing to match, mismatched shapes, bad class list
-            (:class:`samora_components.io.VolumeError` for unreadable files).
+            (:class:`samora_components.data.io.VolumeError` for unreadable files).
         FileNotFoundError: a path that does not exist.
     """
     check_protocol(protocol)
@@ -442,8 +438,6 @@ def evaluate_cases(cases: list[Case], protocol: str = "transunet", out: str = "e
     summary = summarise(per_case, names, protocol)
     _write_metrics_csv(out_dir / "metrics.csv", per_case, names)
     _write_summary(out_dir, summary)
-    from .plots import bar_chart
-
     bar_chart(summary, out_dir / "dice_bar.png")
     return summary
 
@@ -472,11 +466,6 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
-
-
 def main(
     pred: str,
     label: str,
@@ -486,12 +475,8 @@ def main(
     image: str | None = None,
     label_map: str | None = None,
 ) -> None:
-    """CLI entry: evaluate, print the table and the files written; user errors -> one line, exit 2."""
-    try:
-        summary = evaluate(pred, label, protocol=protocol, out=out, classes=classes, image=image, label_map=label_map)
-    except (ValueError, FileNotFoundError) as err:  # VolumeError is a ValueError
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """CLI entry: evaluate, print the table and the files written (the CLI reports user errors in one line)."""
+    summary = evaluate(pred, label, protocol=protocol, out=out, classes=classes, image=image, label_map=label_map)
     print(format_table(summary))
     out_dir = Path(out)
     for name in OUTPUT_FILES:
@@ -499,3 +484,136 @@ def main(
     overlays = out_dir / "overlays"
     if image is not None and overlays.is_dir():
         print(f"wrote {overlays}/ ({len(list(overlays.glob('*.png')))} overlays)")
+
+
+# --------------------------------------------------------------------------------------------------
+# bundle evaluation: handlers of the MONAI evaluator in ``configs/evaluate.yaml``
+
+_logger = logging.getLogger("samora")
+
+
+def check_weights(weights: str | os.PathLike) -> Path:
+    """Return ``weights`` when the file and its model card (``W.pt`` -> ``W.json``) both exist.
+
+    Raises:
+        FileNotFoundError: one line naming the missing file.
+    """
+    from samora_components.bundle.cards import model_card_path
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights not found: {weights} (train the bundle first or pass --weights)")
+    card = model_card_path(weights)
+    if not card.is_file():
+        raise FileNotFoundError(
+            f"no model card {card} beside {weights}: training writes it; it says which network the weights fit")
+    return weights
+
+
+def _decollated(output) -> list:
+    """An engine's output as a list of per-item dicts (MONAI engines decollate by default)."""
+    if isinstance(output, list):
+        return output
+    from monai.data import decollate_batch
+
+    return decollate_batch(output)
+
+
+class PredictionWriter:
+    """Evaluator handler: after each iteration, write every ``pred`` (a label map already inverted
+    to the input's grid, channel first) to ``output_dir/<stem>.nii.gz`` with the input file's own
+    header and affine, as ``python -m samora_components infer`` does.
+
+    The input file is ``image.meta["filename_or_obj"]``; a prediction whose shape is not the input
+    file's is an error (:class:`samora_components.data.io.VolumeError`).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, image_key: str = "image", pred_key: str = "pred") -> None:
+        self.output_dir = Path(output_dir)
+        self.image_key = image_key
+        self.pred_key = pred_key
+        self.written: list[Path] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _started(self, _engine) -> None:
+        self.written = []
+
+    def __call__(self, engine) -> None:
+        from monai.utils import ImageMetaKey
+
+        from samora_components.bundle.inference import _save_like, output_path
+
+        for item in _decollated(engine.state.output):
+            source = Path(str(item[self.image_key].meta[ImageMetaKey.FILENAME_OR_OBJ]))
+            pred = item[self.pred_key]
+            label = np.asarray(pred.detach().cpu().numpy() if hasattr(pred, "detach") else pred)
+            if label.ndim == 4 and label.shape[0] == 1:
+                label = label[0]  # channel first -> (X, Y, Z)
+            volume = read_volume(source)
+            array = check_volume(np.asarray(volume.array), str(source))
+            if label.shape != array.shape:
+                raise VolumeError(f"{source}: prediction shape {label.shape} differs from the image {array.shape}")
+            target = output_path(source, self.output_dir)
+            _save_like(label.astype(np.uint8).reshape(volume.array.shape), source, target)
+            self.written.append(target)
+
+
+class CaseReport:
+    """Evaluator handler: when the run completes, score the written predictions against the label
+    files with :func:`evaluate_cases` (Dice and HD95 under ``protocol``) and log the table.
+
+    Args:
+        items: the datalist items evaluated (``image`` and ``label`` paths).
+        pred_dir: where :class:`PredictionWriter` wrote ``<stem>.nii.gz`` for each image.
+        output_dir: report folder (metrics.csv, summary.csv, summary.json, dice_bar.png, overlays/).
+        protocol, classes, label_map: as for :func:`evaluate_cases`.
+        datalist, section: named in the error for an empty section.
+
+    The summary is kept in ``self.summary`` and ``engine.state.summary``.
+    """
+
+    def __init__(self, items: Sequence[Mapping], pred_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                 protocol: str = "transunet", classes=None, label_map: str | Mapping[int, int] | None = None,
+                 datalist: str | None = None, section: str | None = None) -> None:
+        check_protocol(protocol)
+        if not items:
+            where = f"{datalist} has no '{section}' items" if datalist and section else "no datalist items"
+            raise ValueError(f"{where} to evaluate")
+        unlabeled = [volume_stem(item["image"]) for item in items if not item.get("label")]
+        if unlabeled:
+            raise ValueError(f"{len(unlabeled)} item(s) without a label cannot be evaluated: {_some(unlabeled)}")
+        parse_classes(classes)  # a bad class list fails before any prediction
+        resolve_label_map(label_map)
+        self.items = list(items)
+        self.pred_dir = Path(pred_dir)
+        self.output_dir = Path(output_dir)
+        self.protocol = protocol
+        self.classes = classes
+        self.label_map = label_map
+        self.summary: dict | None = None
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def cases(self) -> list[Case]:
+        """The (prediction, label, image) files of every item."""
+        from samora_components.bundle.inference import output_path
+
+        cases = []
+        for item in self.items:
+            image = Path(item["image"])
+            cases.append(Case(volume_stem(image), output_path(image, self.pred_dir), Path(item["label"]), image))
+        return cases
+
+    def __call__(self, engine) -> None:
+        cases = self.cases()
+        self.summary = evaluate_cases(cases, self.protocol, str(self.output_dir), self.classes, self.label_map)
+        engine.state.summary = self.summary
+        _logger.info("%s:\n%s", self.output_dir, format_table(self.summary))

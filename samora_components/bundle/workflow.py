@@ -7,38 +7,23 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from monai.bundle import run as bundle_run
 
+from samora_components.bundle.inference import BundlePredictor, predict_datalist
+from samora_components.data.datasets import read_datalist
+from samora_components.metrics.reports import evaluate_cases, format_table
+
 logger = logging.getLogger("samora")
 
 __all__ = [
-    "attach_handlers", "expert_files", "prepare_run", "pretrain", "PRETRAIN_STEPS", "report_training", "run_config", "config_files", "evaluate_bundle", "model_card_path", "read_model_card", "write_json",
-    "MODEL_CARD_KEYS", "export_weights",
+    "attach_handlers", "config_files", "evaluate_bundle", "prepare_run", "pretrain", "PRETRAIN_STEPS", "report_training",
+    "run_config",
 ]
-
-
-def expert_files(method: str, experts: Mapping[str, str] | None, levels: Sequence[str]) -> dict[str, str] | None:
-    """Expert files to load for ``method`` (only ``samora`` uses them).
-
-    Levels whose file does not exist are left out with a warning: their expert keeps its initial
-    zero update (the network still trains fusion and decoder).
-    """
-    if method != "samora":
-        return None
-    found = {}
-    for level in levels:
-        path = (experts or {}).get(level)
-        if path and Path(path).is_file():
-            found[level] = str(path)
-        else:
-            logger.warning("no %s-level expert at %s: run stage 1 (pretrain) first; its delta stays zero", level, path)
-    return found
 
 
 def attach_handlers(engine, handlers: Sequence) -> None:
@@ -71,13 +56,9 @@ def evaluate_bundle(
 ) -> dict:
     """Predict a datalist section with the bundle's inference config and score it.
 
-    Writes ``out/pred/<case>.nii.gz`` and the reports of :func:`samora_components.evaluate.evaluate_cases`
+    Writes ``out/pred/<case>.nii.gz`` and the reports of :func:`samora_components.metrics.reports.evaluate_cases`
     (metrics.csv, summary.csv/json, dice_bar.png, overlays/) into ``out``.
     """
-    from .data import read_datalist
-    from .evaluate import evaluate_cases, format_table
-    from .inference import BundlePredictor, predict_datalist
-
     items = read_datalist(datalist, section)
     if not items:
         raise ValueError(f"{datalist} has no '{section}' items to evaluate")
@@ -182,65 +163,3 @@ def pretrain(
         config = step if step.startswith("cpt_") else f"pretrain_{step}"
         run_config(bundle, ["pretrain", config], run_id="training", quick=quick, profile=profile, **overrides)
     return steps
-
-
-MODEL_CARD_KEYS = (
-    "method", "backbone", "backbone_checkpoint", "img_size", "num_classes", "class_names", "lora_rank",
-    "expert_levels", "fusion", "fusion_order", "fusion_width", "fusion_heads",
-)
-
-
-def model_card_path(weights: str | Path) -> Path:
-    """The card that describes a weights file: ``models/model.pt`` -> ``models/model.json``."""
-    weights = Path(weights)
-    return weights if weights.suffix == ".json" else weights.with_suffix(".json")
-
-
-def read_model_card(path: str | Path) -> dict:
-    """The architecture a weights file (or its card, given directly) was trained with; ``{}`` when
-    there is no card, so that a config can still be parsed without trained weights."""
-    card = model_card_path(path)
-    if not card.is_file():
-        return {}
-    with open(card) as handle:
-        return json.load(handle)
-
-
-def write_json(path: str | Path, content: dict) -> None:
-    """Write JSON atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as handle:
-        json.dump(content, handle, indent=2, default=str)
-    tmp.replace(path)
-
-
-_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-
-
-def export_weights(weights: str | Path, out: str | Path | None = None, dtype: str = "fp16") -> Path:
-    """Write a trained state dict with its floating-point tensors stored in ``dtype`` (``fp16`` halves
-    the file; loading casts back to the network's dtype) and its model card beside it.
-
-    ``out`` defaults to ``weights`` (rewritten in place). Returns the written weights path.
-    """
-    import torch
-
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    weights = Path(weights)
-    out = Path(out) if out else weights
-    card = read_model_card(weights)
-    if not card:
-        raise FileNotFoundError(f"no model card {model_card_path(weights)} beside {weights}")
-    target = getattr(torch, _DTYPES[dtype])
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    torch.save(state, tmp)
-    tmp.replace(out)
-    write_json(model_card_path(out), {**card, "weights_dtype": _DTYPES[dtype]})
-    logger.info("wrote %s (%s, %.1f MB)", out, _DTYPES[dtype], out.stat().st_size / 1e6)
-    return out

@@ -1,0 +1,131 @@
+"""Command line: ``python -m samora_components <command> [--option value ...]``.
+
+Commands:
+  phantom   write a synthetic CT/MR phantom data set with its datalist
+  convert   write the datalist of a public release folder (LA, PROMISE12, Synapse, AMOS, TotalSegmentator)
+  pretrain  stage 1: continual pre-training of the teachers and the three LoRA experts
+  train     stage-2 training of a bundle (SAMed or SAMora), same path as ``monai.bundle run training``
+  evaluate  Dice/HD95 of predicted label volumes against ground truth (transunet | spacing protocol)
+  infer     segment NIfTI/MetaImage/h5 volumes with a bundle's inference config
+  bench     SAMed vs SAMora latency, FLOPs and parameters as one JSON line
+  bench-precision  label agreement of a trained bundle in bf16 vs fp32 on a datalist section (JSON)
+  export    store trained weights with fp16 tensors (half the size) beside their model card
+  demo      the whole quick pipeline on the phantom (what ``make demo`` runs)
+
+``python -m samora_components <command> --help`` lists a command's options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import fire
+
+from samora_components.apps import bench, demo
+from samora_components.bundle import cards, inference, workflow
+from samora_components.data import datalists, phantom
+from samora_components.metrics import reports
+from samora_components.utils import first_line, user_error
+
+
+
+def _phantom(out: str, kind: str = "ct", cases: int = 10, seed: int = 0, unlabeled: int = 0) -> None:
+    """Write a synthetic phantom data set (NIfTI + datalist.json) to OUT."""
+    phantom.main(out=out, kind=kind, cases=cases, seed=seed, unlabeled=unlabeled)
+
+
+def _evaluate(pred: str, label: str, protocol: str = "transunet", out: str = "eval", classes: str | None = None,
+              image: str | None = None, label_map: str | None = None) -> None:
+    """Evaluate predictions PRED against labels LABEL (files or folders matched by name);
+    --label_map btcv_to_synapse|amos_to_synapse|totalseg_to_synapse remaps the labels' ids first."""
+    reports.main(pred=pred, label=label, protocol=protocol, out=out, classes=classes, image=image, label_map=label_map)
+
+
+def _infer(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int = 16,
+           precision: str | None = None) -> None:
+    """Segment INPUT (file or folder) with BUNDLE; write label volumes to OUTPUT. --precision auto
+    (default: bf16 only on hardware with native bf16, else fp32) | fp32 | bf16."""
+    inference.main(bundle=bundle, input=input, output=output, weights=weights, overwrite=overwrite, batch=batch, precision=precision)
+
+
+def _train(bundle: str = "bundles/samora_ct", quick: bool = False, profile: str | None = None, **overrides) -> None:
+    """Train BUNDLE (configs/train.yaml [+ quick.yaml] [+ --profile la,la_cpu: configs/la.yaml, ...]);
+    extra --key value pairs override the config."""
+    workflow.run_config(bundle, "train", run_id="training", quick=quick, profile=profile, **overrides)
+
+
+def _convert(kind: str, src: str, out: str | None = None, validation: int = 0, labeled: int | None = None,
+             modality: str = "ct") -> None:
+    """Write DATALIST (default SRC/datalist.json) for --kind la|promise12|synapse|amos|totalseg. LA and
+    PROMISE12: --labeled N scans train (the few-shot budget: 4 / 3), --validation N further labeled
+    scans from outside the budget validate. CT kinds write Synapse-8 label copies when the source uses
+    other ids (--modality all keeps AMOS MR cases)."""
+    datalists.main(kind, src, out, validation, labeled, modality=modality)
+
+
+def _pretrain(bundle: str = "bundles/samora_ct", level: str = "all", quick: bool = False,
+              teacher_checkpoint: str | None = None, simclr_checkpoint: str | None = None,
+              mae_checkpoint: str | None = None, profile: str | None = None, **overrides) -> None:
+    """Stage 1 of BUNDLE: --level image|patch|pixel|cpt_simclr|cpt_mae|cpt|all (all = CPT, then the
+    three experts); experts go to <bundle>/models/experts/lora_<level>.safetensors. --profile la,la_cpu
+    merges configs/la.yaml and configs/la_cpu.yaml (+ la_cpu_pretrain.yaml) over the stage-1 configs."""
+    workflow.pretrain(bundle, level, quick, teacher_checkpoint, simclr_checkpoint, mae_checkpoint, profile, **overrides)
+
+
+def _bench(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", img_size: int | None = None,
+           warmup: int = 2, repeats: int = 7) -> None:
+    """Time SAMed and SAMora (encoder + decoder) on one batch; print one JSON object."""
+    bench.main(backbone, batch, dtype, img_size, warmup, repeats)
+
+
+def _bench_precision(bundle: str, datalist: str, section: str = "test", weights: str | None = None) -> None:
+    """Segment a datalist section with BUNDLE in fp32 and in bf16; print the label agreement as JSON."""
+    print(json.dumps(bench.precision_agreement(bundle, datalist, section, weights)))
+
+
+def _export(weights: str, out: str | None = None, dtype: str = "fp16") -> None:
+    """Store trained WEIGHTS (and their model card) with half-precision tensors, e.g. to ship them."""
+    cards.export_weights(weights, out, dtype)
+
+
+def _demo(out: str = "demo_out", quick: bool = True) -> None:
+    """Phantom -> SAMed fine-tuning -> evaluation -> NIfTI inference, printing where results went."""
+    demo.main(out=out, quick=quick)
+
+
+COMMANDS = {
+    "phantom": _phantom,
+    "convert": _convert,
+    "pretrain": _pretrain,
+    "train": _train,
+    "evaluate": _evaluate,
+    "infer": _infer,
+    "bench": _bench,
+    "bench-precision": _bench_precision,
+    "export": _export,
+    "demo": _demo,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        fire.Fire(COMMANDS[argv[0]], command=argv[1:], name=f"python -m samora_components {argv[0]}")
+    except Exception as err:  # noqa: BLE001 - the cause chain decides
+        cause = user_error(err)
+        if cause is None or os.environ.get("SAMORA_DEBUG"):
+            raise
+        print(f"error: {first_line(cause)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
