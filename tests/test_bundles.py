@@ -17,11 +17,11 @@ from monai.bundle import ConfigParser
 from scipy import ndimage
 
 from samora_components.bundle.inference import BundlePredictor
-from samora_components.networks.lora import save_expert
-from samora_components.networks.samora_net import SAMoraNet
-from samora_components.data.phantom import generate
-from samora_components.networks.precision import resolve_precision
 from samora_components.bundle.workflow import config_files, run_config
+from samora_components.data.phantom import generate
+from samora_components.networks.lora import save_expert
+from samora_components.networks.precision import resolve_precision
+from samora_components.networks.samora_net import SAMoraNet
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"backbone": "tiny_tinyvit", "backbone_checkpoint": "", "img_size": 32}

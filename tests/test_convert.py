@@ -17,7 +17,6 @@ from samora_components.data.datalists import (
     BTCV_TEST,
     BTCV_TRAINING,
     KINDS,
-    SYNAPSE_CLASSES,
     amos_datalist,
     la_datalist,
     main,
@@ -25,6 +24,7 @@ from samora_components.data.datalists import (
     synapse_datalist,
     totalseg_datalist,
 )
+from samora_components.data.transforms import SYNAPSE_CLASSES
 
 AFFINE = np.array([[0.8, 0, 0, -10.0], [0, 0.8, 0, 5.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]])
 
@@ -191,7 +191,7 @@ def test_synapse_transunet_with_lists(tmp_path, caplog):
                                 "label": str(data / "test_vol_h5" / "case0002.npy.h5")}]
     assert content["unlabeled"] == [] and content["validation"] == []
     assert content["intensity"] == "scaled01" and "label_source" not in content
-    assert content["classes"] == SYNAPSE_CLASSES and content["kind"] == "ct"
+    assert content["classes"] == list(SYNAPSE_CLASSES) and content["kind"] == "ct"
     assert "1 scans listed in" in caplog.text  # case0099_slice000
 
 
@@ -278,7 +278,7 @@ def test_amos_release_ct_only_names_drive_the_remap(tmp_path):
     assert Path(content["test"][0]["label"]) == tmp_path / "labels" / "amos_0008.nii.gz"
     assert _flat_values(content["training"][0]["label"], 11) == AMOS_NAMES_AS_SYNAPSE
     assert content["label_source"] == "amos dataset.json names" and content["intensity"] == "hu"
-    assert content["classes"] == SYNAPSE_CLASSES and content["validation"] == []
+    assert content["classes"] == list(SYNAPSE_CLASSES) and content["validation"] == []
     everything = amos_datalist(tmp_path, labels_dir=tmp_path / "labels", modality="all")
     assert (len(everything["training"]), len(everything["test"]), len(everything["unlabeled"])) == (3, 2, 7)
 

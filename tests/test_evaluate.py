@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from samora_components.apps.cli import main as cli
-from samora_components.metrics.reports import evaluate, format_table, main, match_cases, parse_classes
 from samora_components.metrics.plots import choose_slices, overlay
+from samora_components.metrics.reports import evaluate, format_table, match_cases, parse_classes
 
 SHAPE = (20, 18, 8)
 SPACING = (2.0, 1.0, 1.5)
@@ -233,7 +233,8 @@ def test_main_unknown_protocol_and_success(dataset, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: unknown protocol 'dice-only'")
 
-    main(str(root / "preds"), str(root / "labels"), out=str(root / "ok"), classes="liver,spleen")
+    cli(["evaluate", "--pred", str(root / "preds"), "--label", str(root / "labels"), "--out", str(root / "ok"),
+         "--classes", "liver,spleen"])
     out = capsys.readouterr().out
     assert "liver" in out and "mean" in out and "metrics.csv" in out and "dice_bar.png" in out
 

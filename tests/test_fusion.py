@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samora_components.networks.fusion import HLAttn, LACFusion, LoRAHubFusion, MoLEFusion, SingleExpertFusion, parse_order
+from samora_components.networks.fusion import (
+    HLAttn,
+    LACFusion,
+    LoRAHubFusion,
+    MoLEFusion,
+    SingleExpertFusion,
+    parse_order,
+)
 from samora_components.networks.lora import LEVELS, LoRAQKV, qkv_rows
 from samora_components.networks.samora_net import SAMoraNet
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from samora_components.networks.backbones import build_backbone
-from samora_components.networks.lora import LoRAExpert, LoRAQKV, load_expert, qkv_rows, read_expert_metadata, save_expert
+from samora_components.networks.lora import (
+    LoRAExpert,
+    LoRAQKV,
+    load_expert,
+    qkv_rows,
+    read_expert_metadata,
+    save_expert,
+)
 
 
 def _rows_by_probe(attn, which: int) -> torch.Tensor:

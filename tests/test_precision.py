@@ -4,8 +4,8 @@ CPU that would emulate it; explicit fp32/bf16 always obeyed."""
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 
 import pytest
 import torch

@@ -7,10 +7,7 @@ import json
 import pytest
 import torch
 from ignite.engine import Engine, Events
-from torch.utils.data import DataLoader, TensorDataset
 
-from samora_components.networks.lora import load_expert, read_expert_metadata
-from samora_components.networks.samora_net import SAMoraNet
 from samora_components.engines.pretrain import (
     ContrastiveCPT,
     ExpertExport,
@@ -21,6 +18,8 @@ from samora_components.engines.pretrain import (
     PixelDenoising,
     PretrainStep,
 )
+from samora_components.networks.lora import load_expert, read_expert_metadata
+from samora_components.networks.samora_net import SAMoraNet
 from samora_components.networks.teachers import build_teacher
 
 
@@ -173,8 +172,8 @@ def test_expert_file_loads_into_a_fresh_encoder_and_changes_its_output(tmp_path,
 
 def test_bundle_stage1_quick_all_levels(tmp_path):
     """``pretrain --level all`` through the bundle configs: teachers and three expert files written."""
-    from samora_components.data.phantom import generate
     from samora_components.bundle.workflow import pretrain
+    from samora_components.data.phantom import generate
 
     datalist = generate(str(tmp_path / "phantom_ct"), "ct", cases=2, unlabeled=2, shape=(48, 48, 8))
     steps = pretrain(

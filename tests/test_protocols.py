@@ -15,9 +15,9 @@ import torch
 from monai.bundle import ConfigParser
 from monai.losses import DiceCELoss
 
+from samora_components.bundle.workflow import config_files, run_config
 from samora_components.data.phantom import generate
 from samora_components.engines.schedules import WarmupCosine, WarmupPoly, scaled_lr
-from samora_components.bundle.workflow import config_files, run_config
 
 REPO = Path(__file__).resolve().parents[1]
 CT = REPO / "bundles" / "samora_ct"

@@ -25,37 +25,33 @@ labels foreground.
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from samora_components.networks.samora_net import SAMoraNet
-from samora_components.networks.precision import cpu_summary, resolve_precision
 from samora_components.bundle.inference import BundlePredictor
 from samora_components.data.datasets import read_datalist
 from samora_components.data.io import volume_stem
+from samora_components.networks.precision import cpu_summary, resolve_precision
+from samora_components.networks.samora_net import SAMoraNet
 
 __all__ = ["benchmark", "matmul_peak", "main", "precision_agreement"]
 
 
-def _timed(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of the best of ``repeats`` (size x size) @ (size x size) products in ``dtype``."""
+    """GFLOP/s of the fastest of ``repeats`` timed (size x size) @ (size x size) products in
+    ``dtype`` (``torch.utils.benchmark.Timer``, which warms up first), on the current threads."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its CUDA notice on CPU machines
+    from torch.utils.benchmark import Timer  # imported here, after quietening that notice
+
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
-    best = min(_timed(lambda: torch.mm(a, b), 2, repeats))
+    timer = Timer(stmt="torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b},
+                            num_threads=torch.get_num_threads())
+    best = min(timer.timeit(1).mean for _ in range(repeats))
     return 2 * size**3 / best / 1e9
 
 

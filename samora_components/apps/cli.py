@@ -30,7 +30,6 @@ from samora_components.metrics import reports
 from samora_components.utils import first_line, user_error
 
 
-
 def _phantom(out: str, kind: str = "ct", cases: int = 10, seed: int = 0, unlabeled: int = 0) -> None:
     """Write a synthetic phantom data set (NIfTI + datalist.json) to OUT."""
     phantom.main(out=out, kind=kind, cases=cases, seed=seed, unlabeled=unlabeled)
@@ -40,7 +39,8 @@ def _evaluate(pred: str, label: str, protocol: str = "transunet", out: str = "ev
               image: str | None = None, label_map: str | None = None) -> None:
     """Evaluate predictions PRED against labels LABEL (files or folders matched by name);
     --label_map btcv_to_synapse|amos_to_synapse|totalseg_to_synapse remaps the labels' ids first."""
-    reports.main(pred=pred, label=label, protocol=protocol, out=out, classes=classes, image=image, label_map=label_map)
+    summary = reports.evaluate(pred, label, protocol=protocol, out=out, classes=classes, image=image, label_map=label_map)
+    reports.print_report(summary, out, image)
 
 
 def _infer(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int = 16,

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 
 from samora_components.apps.bench import matmul_peak
-from samora_components.data.datasets import read_datalist
-from samora_components.metrics.reports import format_table
 from samora_components.bundle.inference import BundlePredictor, predict_file
+from samora_components.bundle.workflow import evaluate_bundle, pretrain, run_config
+from samora_components.data.datasets import read_datalist
 from samora_components.data.io import read_volume
 from samora_components.data.phantom import generate
 from samora_components.metrics.plots import choose_slices, overlay_grid
-from samora_components.bundle.workflow import evaluate_bundle, pretrain, run_config
+from samora_components.metrics.reports import format_table
 
 logger = logging.getLogger("samora")
 
@@ -138,7 +138,7 @@ def main(out: str = "demo_out", quick: bool = True) -> dict:
     print(f"[4/5] evaluating both on the phantom test volumes ({eta})", flush=True)
     for method in METHODS:
         summaries[method] = evaluate_bundle(BUNDLE, datalist, "test", str(out_dir / method / "eval"), str(weights[method]),
-                                            "transunet", BUNDLE)
+                                            protocol="transunet")
     eta.finished("evaluate")
     print(f"[5/5] segmenting one NIfTI volume with SAMora ({eta})", flush=True)
     test_image = Path(read_datalist(datalist, "test")[0]["image"])

@@ -17,7 +17,7 @@ from samora_components.utils import atomic_path, write_json
 
 logger = logging.getLogger("samora")
 
-__all__ = ["ARCHITECTURE_KEYS", "apply_card", "card_mismatches", "check_card", "model_card_path", "read_model_card",
+__all__ = ["ARCHITECTURE_KEYS", "apply_card", "card_mismatches", "check_card", "check_weights", "model_card_path", "read_model_card",
            "export_weights"]
 
 #: model-card keys that describe the network; ``inference.yaml`` writes each out as a config key
@@ -74,6 +74,22 @@ def model_card_path(weights: str | Path) -> Path:
     """The card that describes a weights file: ``models/model.pt`` -> ``models/model.json``."""
     weights = Path(weights)
     return weights if weights.suffix == ".json" else weights.with_suffix(".json")
+
+
+def check_weights(weights: str | Path) -> Path:
+    """Return ``weights`` when the file and its model card (``W.pt`` -> ``W.json``) both exist.
+
+    Raises:
+        FileNotFoundError: one line naming the missing file.
+    """
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights not found: {weights} (train the bundle first or pass --weights)")
+    card = model_card_path(weights)
+    if not card.is_file():
+        raise FileNotFoundError(
+            f"no model card {card} beside {weights}: training writes it; it says which network the weights fit")
+    return weights
 
 
 def read_model_card(path: str | Path) -> dict:

@@ -19,11 +19,11 @@ import torch
 from monai.bundle import ConfigParser
 from tqdm import tqdm
 
+from samora_components.bundle.cards import apply_card, check_weights, read_model_card
 from samora_components.data.io import VOLUME_SUFFIXES, VolumeError, check_volume, read_volume, volume_stem
-from samora_components.networks.precision import check_precision
-from samora_components.bundle.cards import apply_card, model_card_path, read_model_card
-from samora_components.utils import atomic_path, first_line
 from samora_components.metrics.reports import Case
+from samora_components.networks.precision import check_precision
+from samora_components.utils import atomic_path, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +49,9 @@ class BundlePredictor:
         config = bundle / "configs" / "inference.yaml"
         if not config.is_file():
             raise FileNotFoundError(f"{bundle}: no configs/inference.yaml (is this a SAMora bundle folder?)")
-        weights = Path(weights) if weights else bundle / "models" / "model.pt"
-        if not weights.is_file():
-            raise FileNotFoundError(f"weights not found: {weights} (train the bundle first or pass --weights)")
+        weights = check_weights(weights or bundle / "models" / "model.pt")
         parser = ConfigParser()
         parser.read_config(str(config))
-        card = model_card_path(weights)
-        if not card.is_file():
-            raise FileNotFoundError(f"no model card {card} beside {weights}: training writes it; it says which network the weights fit")
         parser["bundle_root"] = str(bundle)
         parser["model_file"] = str(weights)
         apply_card(parser, read_model_card(weights))  # the card (same name, .json) describes the network
@@ -105,7 +100,7 @@ def output_path(source: Path, output: Path) -> Path:
     return output / f"{volume_stem(source)}.nii.gz"
 
 
-def _save_like(label: np.ndarray, source: Path, target: Path) -> None:
+def save_like(label: np.ndarray, source: Path, target: Path) -> None:
     """Write ``label`` with the source's affine (and NIfTI header when the source is NIfTI), atomically."""
     if source.name.endswith((".nii", ".nii.gz")):
         ref = nib.load(str(source))
@@ -131,7 +126,7 @@ def predict_file(predictor: BundlePredictor, source: Path, target: Path) -> np.n
         raise VolumeError(f"{source}: inference failed ({first_line(err)})") from err
     if label.shape != array.shape:
         raise VolumeError(f"{source}: prediction shape {label.shape} differs from the image {array.shape}")
-    _save_like(label.reshape(volume.array.shape), source, target)
+    save_like(label.reshape(volume.array.shape), source, target)
     return label
 
 

@@ -21,7 +21,7 @@ from samora_components.metrics.reports import evaluate_cases, format_table
 logger = logging.getLogger("samora")
 
 __all__ = [
-    "attach_handlers", "config_files", "evaluate_bundle", "prepare_run", "pretrain", "PRETRAIN_STEPS", "report_training",
+    "attach_handlers", "config_files", "evaluate_bundle", "prepare_run", "pretrain", "PRETRAIN_STEPS",
     "run_config",
 ]
 
@@ -38,33 +38,21 @@ def prepare_run(*folders: str) -> None:
         os.makedirs(folder, exist_ok=True)
 
 
-def report_training(evaluator, model_path: str) -> None:
-    """Log the best validation metric and where the weights are."""
-    state = evaluator.state
-    logger.info("best val_mean_dice %.4f at epoch %s; weights: %s", state.best_metric, state.best_metric_epoch, model_path)
-
-
-def evaluate_bundle(
-    bundle_root: str,
-    datalist: str,
-    section: str = "test",
-    out: str = "eval",
-    weights: str | None = None,
-    protocol: str = "transunet",
-    classes: str | None = None,
-    label_map: str | None = None,
-) -> dict:
+def evaluate_bundle(bundle_root: str, datalist: str, section: str = "test", out: str = "eval",
+                    weights: str | None = None, **scoring) -> dict:
     """Predict a datalist section with the bundle's inference config and score it.
 
     Writes ``out/pred/<case>.nii.gz`` and the reports of :func:`samora_components.metrics.reports.evaluate_cases`
-    (metrics.csv, summary.csv/json, dice_bar.png, overlays/) into ``out``.
+    (metrics.csv, summary.csv/json, dice_bar.png, overlays/) into ``out``. ``scoring``: ``protocol``
+    (default transunet), ``classes`` (default: the bundle's) and ``label_map``, as that function takes them.
     """
+    protocol = scoring.get("protocol", "transunet")
     items = read_datalist(datalist, section)
     if not items:
         raise ValueError(f"{datalist} has no '{section}' items to evaluate")
     predictor = BundlePredictor.from_bundle(bundle_root, weights)
     cases = predict_datalist(predictor, items, Path(out) / "pred")
-    summary = evaluate_cases(cases, protocol, out, classes or bundle_root, label_map)
+    summary = evaluate_cases(cases, protocol, out, scoring.get("classes") or bundle_root, scoring.get("label_map"))
     logger.info("%s (%s protocol, %d cases):\n%s", section, protocol, len(cases), format_table(summary))
     return summary
 

@@ -69,7 +69,7 @@ from pathlib import Path
 import numpy as np
 
 from samora_components.data.io import volume_stem
-from samora_components.data.transforms import LABEL_MAPS, SYNAPSE_NAMES, remap_labels
+from samora_components.data.transforms import LABEL_MAPS, SYNAPSE_CLASSES, remap_labels
 from samora_components.utils import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
@@ -85,11 +85,10 @@ __all__ = [
     "main",
     "KINDS",
     "LABELS_DIR",
-    "SYNAPSE_CLASSES",
 ]
 
 LABELS_DIR = "labels_synapse8"
-SYNAPSE_CLASSES = ["background", *SYNAPSE_NAMES]
+SYNAPSE_NAMES = SYNAPSE_CLASSES[1:]
 _MR_SUFFIXES = (".mhd", ".nii.gz", ".nii", ".mha")
 _MR_SUFFIX = "(?:" + "|".join(re.escape(s) for s in _MR_SUFFIXES) + ")"
 _NIFTI = r"\.nii(?:\.gz)?"

@@ -35,6 +35,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from samora_components.data.transforms import SYNAPSE_CLASSES
 from samora_components.utils import atomic_path, write_json
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "main",
 ]
 
-SYNAPSE_CLASSES = ("background", "spleen", "right_kidney", "left_kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas")
 MR_CLASSES = ("background", "foreground")
 
 CT_SHAPE = (96, 96, 48)

@@ -20,9 +20,11 @@ from monai.transforms import MapTransform, ScaleIntensityRange
 
 from samora_components.data.io import INTENSITY_META
 
-__all__ = ["LABEL_MAPS", "RemapLabelsd", "remap_labels", "resolve_label_map", "SYNAPSE_NAMES", "CTWindowd"]
+__all__ = ["LABEL_MAPS", "RemapLabelsd", "remap_labels", "resolve_label_map", "SYNAPSE_CLASSES", "CTWindowd"]
 
-SYNAPSE_NAMES = ("spleen", "right_kidney", "left_kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas")
+#: the Synapse multi-organ classes (label id = position): the CT bundle's classes and every remap's target
+SYNAPSE_CLASSES = ("background", "spleen", "right_kidney", "left_kidney", "gallbladder", "liver", "stomach", "aorta",
+                   "pancreas")
 
 LABEL_MAPS: dict[str, dict[int, int]] = {
     # BTCV (13 organs): 1 spleen, 2 right kidney, 3 left kidney, 4 gallbladder, 6 liver, 7 stomach,

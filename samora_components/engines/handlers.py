@@ -13,10 +13,10 @@ from ignite.handlers import Checkpoint, DiskSaver
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 from monai.handlers import ValidationHandler
 
+from samora_components.bundle.cards import model_card_path
+from samora_components.metrics.plots import line_plot
 from samora_components.networks.expert_attention import ExpertAttention, gates_at
 from samora_components.networks.fusion import LoRAHubFusion, lorahub_search
-from samora_components.metrics.plots import line_plot
-from samora_components.bundle.cards import model_card_path
 from samora_components.utils import write_json
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import math
 import os
 import sys
@@ -32,28 +31,18 @@ from pathlib import Path
 
 import numpy as np
 
-from samora_components.data.io import VOLUME_SUFFIXES, VolumeError, check_volume, read_volume, volume_stem
-from samora_components.data.transforms import remap_labels, resolve_label_map
+from samora_components.data.io import VOLUME_SUFFIXES, VolumeError, read_volume, volume_stem
+from samora_components.data.transforms import SYNAPSE_CLASSES, remap_labels, resolve_label_map
 from samora_components.metrics.cases import as_label_map, case_metrics, check_protocol, empty_result, summarise
-from samora_components.utils import write_json, write_text
 from samora_components.metrics.plots import bar_chart, choose_slices, overlay_grid
+from samora_components.utils import write_json, write_text
 
 __all__ = [
-    "CLASS_PRESETS", "Case", "evaluate", "evaluate_cases", "parse_classes", "match_cases", "format_table", "main",
-    "check_weights", "PredictionWriter", "CaseReport",
+    "CLASS_PRESETS", "Case", "evaluate", "evaluate_cases", "parse_classes", "match_cases", "format_table", "print_report", "some_names",
 ]
 
 CLASS_PRESETS: dict[str, dict[int, str]] = {
-    "synapse": {
-        1: "spleen",
-        2: "right_kidney",
-        3: "left_kidney",
-        4: "gallbladder",
-        5: "liver",
-        6: "stomach",
-        7: "aorta",
-        8: "pancreas",
-    },
+    "synapse": dict(enumerate(SYNAPSE_CLASSES[1:], start=1)),
     "binary": {1: "foreground"},
 }
 
@@ -198,7 +187,7 @@ def _collect(path: str | os.PathLike, role: str) -> dict[str, Path]:
     return found
 
 
-def _some(names: Sequence[str]) -> str:
+def some_names(names: Sequence[str]) -> str:
     """First few names, with a count of the rest."""
     names = sorted(names)
     shown = ", ".join(names[:_LISTED])
@@ -228,14 +217,14 @@ def match_cases(pred: str | os.PathLike, label: str | os.PathLike) -> list[Case]
     common = sorted(set(preds) & set(labels))
     if not common:
         raise ValueError(
-            f"no prediction matches a label by name: predictions {_some(list(preds))}; labels {_some(list(labels))}"
+            f"no prediction matches a label by name: predictions {some_names(list(preds))}; labels {some_names(list(labels))}"
         )
     only_pred = sorted(set(preds) - set(labels)) if not pred_is_file else []
     only_label = sorted(set(labels) - set(preds)) if not label_is_file else []
     if only_pred:
-        _warn(f"{len(only_pred)} prediction(s) without a label, skipped: {_some(only_pred)}")
+        _warn(f"{len(only_pred)} prediction(s) without a label, skipped: {some_names(only_pred)}")
     if only_label:
-        _warn(f"{len(only_label)} label(s) without a prediction, skipped: {_some(only_label)}")
+        _warn(f"{len(only_label)} label(s) without a prediction, skipped: {some_names(only_label)}")
     return [Case(stem, preds[stem], labels[stem]) for stem in common]
 
 
@@ -253,7 +242,7 @@ def _attach_images(cases: list[Case], image: str | os.PathLike) -> None:
         if case.image is None:
             missing.append(case.name)
     if missing:
-        _warn(f"{len(missing)} case(s) without an image, no overlay: {_some(missing)}")
+        _warn(f"{len(missing)} case(s) without an image, no overlay: {some_names(missing)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,17 +455,8 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(
-    pred: str,
-    label: str,
-    protocol: str = "transunet",
-    out: str = "eval",
-    classes: str | None = None,
-    image: str | None = None,
-    label_map: str | None = None,
-) -> None:
-    """CLI entry: evaluate, print the table and the files written (the CLI reports user errors in one line)."""
-    summary = evaluate(pred, label, protocol=protocol, out=out, classes=classes, image=image, label_map=label_map)
+def print_report(summary: dict, out: str, image: str | None = None) -> None:
+    """What ``python -m samora_components evaluate`` prints: the table and the files written."""
     print(format_table(summary))
     out_dir = Path(out)
     for name in OUTPUT_FILES:
@@ -484,136 +464,3 @@ def main(
     overlays = out_dir / "overlays"
     if image is not None and overlays.is_dir():
         print(f"wrote {overlays}/ ({len(list(overlays.glob('*.png')))} overlays)")
-
-
-# --------------------------------------------------------------------------------------------------
-# bundle evaluation: handlers of the MONAI evaluator in ``configs/evaluate.yaml``
-
-_logger = logging.getLogger("samora")
-
-
-def check_weights(weights: str | os.PathLike) -> Path:
-    """Return ``weights`` when the file and its model card (``W.pt`` -> ``W.json``) both exist.
-
-    Raises:
-        FileNotFoundError: one line naming the missing file.
-    """
-    from samora_components.bundle.cards import model_card_path
-
-    weights = Path(weights)
-    if not weights.is_file():
-        raise FileNotFoundError(f"weights not found: {weights} (train the bundle first or pass --weights)")
-    card = model_card_path(weights)
-    if not card.is_file():
-        raise FileNotFoundError(
-            f"no model card {card} beside {weights}: training writes it; it says which network the weights fit")
-    return weights
-
-
-def _decollated(output) -> list:
-    """An engine's output as a list of per-item dicts (MONAI engines decollate by default)."""
-    if isinstance(output, list):
-        return output
-    from monai.data import decollate_batch
-
-    return decollate_batch(output)
-
-
-class PredictionWriter:
-    """Evaluator handler: after each iteration, write every ``pred`` (a label map already inverted
-    to the input's grid, channel first) to ``output_dir/<stem>.nii.gz`` with the input file's own
-    header and affine, as ``python -m samora_components infer`` does.
-
-    The input file is ``image.meta["filename_or_obj"]``; a prediction whose shape is not the input
-    file's is an error (:class:`samora_components.data.io.VolumeError`).
-    """
-
-    def __init__(self, output_dir: str | os.PathLike, image_key: str = "image", pred_key: str = "pred") -> None:
-        self.output_dir = Path(output_dir)
-        self.image_key = image_key
-        self.pred_key = pred_key
-        self.written: list[Path] = []
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def _started(self, _engine) -> None:
-        self.written = []
-
-    def __call__(self, engine) -> None:
-        from monai.utils import ImageMetaKey
-
-        from samora_components.bundle.inference import _save_like, output_path
-
-        for item in _decollated(engine.state.output):
-            source = Path(str(item[self.image_key].meta[ImageMetaKey.FILENAME_OR_OBJ]))
-            pred = item[self.pred_key]
-            label = np.asarray(pred.detach().cpu().numpy() if hasattr(pred, "detach") else pred)
-            if label.ndim == 4 and label.shape[0] == 1:
-                label = label[0]  # channel first -> (X, Y, Z)
-            volume = read_volume(source)
-            array = check_volume(np.asarray(volume.array), str(source))
-            if label.shape != array.shape:
-                raise VolumeError(f"{source}: prediction shape {label.shape} differs from the image {array.shape}")
-            target = output_path(source, self.output_dir)
-            _save_like(label.astype(np.uint8).reshape(volume.array.shape), source, target)
-            self.written.append(target)
-
-
-class CaseReport:
-    """Evaluator handler: when the run completes, score the written predictions against the label
-    files with :func:`evaluate_cases` (Dice and HD95 under ``protocol``) and log the table.
-
-    Args:
-        items: the datalist items evaluated (``image`` and ``label`` paths).
-        pred_dir: where :class:`PredictionWriter` wrote ``<stem>.nii.gz`` for each image.
-        output_dir: report folder (metrics.csv, summary.csv, summary.json, dice_bar.png, overlays/).
-        protocol, classes, label_map: as for :func:`evaluate_cases`.
-        datalist, section: named in the error for an empty section.
-
-    The summary is kept in ``self.summary`` and ``engine.state.summary``.
-    """
-
-    def __init__(self, items: Sequence[Mapping], pred_dir: str | os.PathLike, output_dir: str | os.PathLike,
-                 protocol: str = "transunet", classes=None, label_map: str | Mapping[int, int] | None = None,
-                 datalist: str | None = None, section: str | None = None) -> None:
-        check_protocol(protocol)
-        if not items:
-            where = f"{datalist} has no '{section}' items" if datalist and section else "no datalist items"
-            raise ValueError(f"{where} to evaluate")
-        unlabeled = [volume_stem(item["image"]) for item in items if not item.get("label")]
-        if unlabeled:
-            raise ValueError(f"{len(unlabeled)} item(s) without a label cannot be evaluated: {_some(unlabeled)}")
-        parse_classes(classes)  # a bad class list fails before any prediction
-        resolve_label_map(label_map)
-        self.items = list(items)
-        self.pred_dir = Path(pred_dir)
-        self.output_dir = Path(output_dir)
-        self.protocol = protocol
-        self.classes = classes
-        self.label_map = label_map
-        self.summary: dict | None = None
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def cases(self) -> list[Case]:
-        """The (prediction, label, image) files of every item."""
-        from samora_components.bundle.inference import output_path
-
-        cases = []
-        for item in self.items:
-            image = Path(item["image"])
-            cases.append(Case(volume_stem(image), output_path(image, self.pred_dir), Path(item["label"]), image))
-        return cases
-
-    def __call__(self, engine) -> None:
-        cases = self.cases()
-        self.summary = evaluate_cases(cases, self.protocol, str(self.output_dir), self.classes, self.label_map)
-        engine.state.summary = self.summary
-        _logger.info("%s:\n%s", self.output_dir, format_table(self.summary))

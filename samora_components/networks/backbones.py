@@ -24,16 +24,26 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 from segment_anything.modeling import ImageEncoderViT, PromptEncoder
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Backbone", "BACKBONES", "build_backbone", "resize_vit_state", "file_sha256", "frozen_to_eval"]
+__all__ = ["Backbone", "BACKBONES", "build_backbone", "resize_vit_state", "file_sha256", "frozen_to_eval", "rgb_slices"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _DecoderGeometry:
+    """Image-embedding width and the mask decoder's two-way transformer (SAM's values by default)."""
+
+    out_chans: int = 256
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    decoder_depth: int = 2
 
 
 @dataclass(frozen=True)
-class _ViTConfig:
+class _ViTConfig(_DecoderGeometry):
     embed_dim: int
     depth: int
     num_heads: int
@@ -42,25 +52,17 @@ class _ViTConfig:
     default_size: int = 224
     patch_size: int = 16
     window_size: int = 14
-    out_chans: int = 256
-    decoder_mlp_dim: int = 2048
-    decoder_heads: int = 8
-    decoder_depth: int = 2
     attention_layout: str = "sam_vit"
 
 
 @dataclass(frozen=True)
-class _TinyViTConfig:
+class _TinyViTConfig(_DecoderGeometry):
     embed_dims: tuple[int, ...]
     depths: tuple[int, ...]
     num_heads: tuple[int, ...]
     window_sizes: tuple[int, ...]
     native_size: int = 256
     default_size: int = 256
-    out_chans: int = 256
-    decoder_mlp_dim: int = 2048
-    decoder_heads: int = 8
-    decoder_depth: int = 2
     attention_layout: str = "tinyvit"
 
 
@@ -79,6 +81,16 @@ BACKBONES: dict[str, _ViTConfig | _TinyViTConfig] = {
         decoder_mlp_dim=64, decoder_heads=2, decoder_depth=1,
     ),
 }
+
+
+def rgb_slices(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Slices (B, 1 or 3, H, W) -> (B, 3, size, size): grey repeated to RGB, bilinear resize."""
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"expected slices (B, 1 or 3, H, W), got {tuple(x.shape)}")
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x
 
 
 def file_sha256(path: str | Path) -> str:
@@ -306,14 +318,9 @@ class Backbone:
         return self.encoder.grid
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Slices (B, 1 or 3, H, W) in [0, 1] -> model input (B, 3, S, S): grey repeated to RGB,
-        bilinear resize to the input size (SAM's mean/std normalisation is disabled, SPEC §2)."""
-        if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"expected slices (B, 1 or 3, H, W), got {tuple(x.shape)}")
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        return x
+        """Slices (B, 1 or 3, H, W) in [0, 1] -> model input (B, 3, S, S) (SAM's mean/std
+        normalisation is disabled, SPEC §2)."""
+        return rgb_slices(x, self.img_size)
 
     @property
     def attention_layout(self) -> str:

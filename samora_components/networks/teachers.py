@@ -22,6 +22,7 @@ ImageNet mean/std itself.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from samora_components.networks.backbones import rgb_slices
 from samora_components.utils import atomic_path
-from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -227,13 +228,7 @@ class _Teacher(nn.Module):
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Slices (B, 1|3, H, W) in [0, 1] -> network input (B, 3, S, S), S = ``input_size``."""
-        if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"expected slices (B, 1 or 3, H, W), got shape {tuple(x.shape)}")
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        size = (self.input_size, self.input_size)
-        if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
-        return self.normalise(x)
+        return self.normalise(rgb_slices(x, self.input_size))
 
 
 class SimCLRTeacher(_Teacher):
