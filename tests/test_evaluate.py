@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib.image
 import nibabel as nib
 import numpy as np
 import pytest
@@ -68,10 +69,15 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(stream))
 
 
-def _png_ok(path: Path) -> None:
+def _png_ok(path: Path, coloured: bool = True) -> np.ndarray:
+    """A decodable PNG of a real figure; ``coloured``: it shows colour (bars, contours), not only grey."""
     assert path.is_file(), path
     assert path.read_bytes()[:8] == PNG_MAGIC
-    assert path.stat().st_size > 5000
+    pixels = matplotlib.image.imread(path)[..., :3]
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    if coloured:
+        assert ((pixels.max(-1) - pixels.min(-1)) > 0.3).sum() > 20, f"{path}: no coloured pixels"
+    return pixels
 
 
 def test_evaluate_folders_transunet(dataset, capsys):
@@ -268,9 +274,16 @@ def test_choose_slices_and_overlay_without_truth(tmp_path):
     names = {1: "a", 2: "b"}
     overlay(image, None, volume[:, :, 2], tmp_path / "o" / "p.png", title="prediction only", class_names=names)
     overlay(image, volume[:, :, 7], volume[:, :, 2], tmp_path / "o" / "both.png")
-    for name in ("p.png", "both.png"):
-        data = (tmp_path / "o" / name).read_bytes()
-        assert data[:8] == PNG_MAGIC and len(data) > 3000
+    for name in ("p.png", "both.png"):  # the contours are drawn in the class colours over a grey slice
+        _png_ok(tmp_path / "o" / name)
+    blank = np.zeros((6, 6), dtype=np.uint8)
+    overlay(image, blank, blank, tmp_path / "o" / "none.png")
+
+    def coloured(name: str) -> int:
+        pixels = matplotlib.image.imread(tmp_path / "o" / name)[..., :3]
+        return int(((pixels.max(-1) - pixels.min(-1)) > 0.3).sum())
+
+    assert coloured("none.png") < coloured("both.png")  # the colour comes from the contours
 
 
 def test_label_map_scores_btcv_ids_like_synapse_ids(tmp_path):

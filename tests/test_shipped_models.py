@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "samora_mr"
 MODELS = {"samora": BUNDLE / "models" / "model.pt", "samed": BUNDLE / "models" / "samed.pt"}
 HELD_OUT = "1GU15S0GJ6PFNARO469W"  # the 4th labeled LA scan: model selection only, never trained on
+#: Dice on that scan in fp32 (bundles/samora_mr/docs/README.md, docs/results.md): the weights must keep scoring it
+EXPECTED_DICE = {"samora": 0.9094, "samed": 0.9083}
 
 pytestmark = pytest.mark.skipif(not MODELS["samora"].is_file(), reason="bundles/samora_mr ships no model")
 
@@ -42,10 +44,10 @@ def test_shipped_model_segments_the_held_out_la_scan(shared_data, method):
         pytest.skip(f"{scan} absent")
     import h5py
 
-    predictor = BundlePredictor.from_bundle(BUNDLE, str(MODELS[method]))  # precision auto: fp32 on AVX2 CPUs
+    predictor = BundlePredictor.from_bundle(BUNDLE, str(MODELS[method]))
     label = predictor(str(scan))
     with h5py.File(scan, "r") as handle:
         truth = handle["label"][:]
     assert label.shape == truth.shape and set(np.unique(label).tolist()) <= {0, 1}
     dice, _ = case_metrics(label, truth, [1], protocol="transunet")[1]
-    assert dice > 0.75, dice
+    assert dice == pytest.approx(EXPECTED_DICE[method], abs=1e-3), dice  # the suite runs in fp32 (conftest)

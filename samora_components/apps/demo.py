@@ -30,6 +30,7 @@ from samora_components.data.io import read_volume
 from samora_components.data.phantom import generate
 from samora_components.metrics.plots import choose_slices, overlay_grid
 from samora_components.metrics.reports import format_table
+from samora_components.networks.precision import resolve_precision
 
 logger = logging.getLogger("samora")
 
@@ -45,13 +46,15 @@ REFERENCE_GFLOPS = 125.0
 
 
 class RemainingTime:
-    """Expected remaining demo time: first from this machine's measured fp32 matmul rate against the
-    reference machine's, then from the time the finished steps actually took."""
+    """Expected remaining demo time: first from this machine's measured matmul rate, in the precision
+    the demo will run in, against the reference machine's fp32 rate; then from the time the finished
+    steps actually took."""
 
     def __init__(self) -> None:
         self.start = time.time()
         self.done = 0.0
-        rate = max(matmul_peak(torch.float32, size=1024, repeats=5) for _ in range(3))  # best of 3: robust to a busy moment
+        dtype = torch.bfloat16 if resolve_precision("auto", "cpu").precision == "bf16" else torch.float32
+        rate = max(matmul_peak(dtype, size=1024, repeats=5) for _ in range(3))  # best of 3: robust to a busy moment
         self.first_guess = REFERENCE_SECONDS * REFERENCE_GFLOPS / max(rate, 1e-3)
 
     def finished(self, step: str) -> None:

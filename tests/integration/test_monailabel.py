@@ -73,6 +73,8 @@ def _make_bundle(root: Path) -> tuple[Path, dict[str, int]]:
 
     bundle = root / MODEL
     shutil.copytree(REPO / "bundles" / MODEL / "configs", bundle / "configs")
+    config = bundle / "configs" / "inference.yaml"  # the served architecture is written out: a 64 px network
+    config.write_text(config.read_text().replace("\nimg_size: 256\n", "\nimg_size: 64\n"))
     (bundle / "models").mkdir()
     card = {"method": "samed", "backbone": "litemedsam", "backbone_checkpoint": None, "img_size": 64, "num_classes": 9}
     (bundle / "models" / "model.json").write_text(json.dumps(card))
