@@ -162,3 +162,40 @@ def test_missing_weights_and_bundle_are_clear_errors(tmp_path, capsys):
         cli(["infer", "--bundle", str(REPO / "bundles" / "samora_ct"), "--input", str(src), "--output", str(tmp_path / "out"),
              "--weights", str(tmp_path / "none.pt")])
     assert "none.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["nifti", "h5", "int16 nifti"])
+def test_each_volume_is_read_once_and_labelled_as_from_its_path(bundle, tmp_path, monkeypatch, kind):
+    import h5py
+
+    from samora_components.bundle import inference
+
+    affine = np.array([[0.0, 0.9, 0, 3.0], [-1.2, 0.0, 0, 4.0], [0, 0, 2.5, -7.0], [0, 0, 0, 1]])  # not RAS
+    volume = _volume()
+    if kind == "h5":
+        path = tmp_path / "case" / "mri_norm2.h5"
+        path.parent.mkdir()
+        with h5py.File(path, "w") as handle:
+            handle["image"] = volume
+            handle["label"] = (volume > 0).astype(np.uint8)
+    else:
+        path = _save(volume.astype(np.int16) if kind == "int16 nifti" else volume, affine, tmp_path / "x.nii.gz")
+    predictor = BundlePredictor.from_bundle(bundle, precision="fp32")
+    from_path = predictor(str(path))  # LoadImaged reads the file itself
+    reads = []
+    original = inference.read_volume
+    monkeypatch.setattr(inference, "read_volume", lambda *a, **k: reads.append(a) or original(*a, **k))
+    written = inference.predict_file(predictor, path, tmp_path / "out" / "x.nii.gz")
+    assert len(reads) == 1  # checked, segmented and saved from one read
+    assert np.array_equal(written, from_path)
+    saved = nib.load(tmp_path / "out" / "x.nii.gz")
+    assert saved.shape == volume.shape and np.array_equal(np.asarray(saved.dataobj), from_path)
+    assert np.allclose(saved.affine, np.eye(4) if kind == "h5" else affine)
+
+
+def test_freed_memory_is_kept_unless_the_environment_says_not(monkeypatch):
+    from samora_components.utils import keep_freed_memory
+
+    assert keep_freed_memory() is True  # Linux with glibc (CI and the supported platform)
+    monkeypatch.setenv("SAMORA_SYSTEM_MALLOC", "1")
+    assert keep_freed_memory() is False

@@ -43,10 +43,11 @@ def _evaluate(pred: str, label: str, protocol: str = "transunet", out: str = "ev
     reports.print_report(summary, out, image)
 
 
-def _infer(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int = 16,
+def _infer(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int | None = None,
            precision: str | None = None) -> None:
     """Segment INPUT (file or folder) with BUNDLE; write label volumes to OUTPUT. --precision auto
-    (default: bf16 only on hardware with native bf16, else fp32) | fp32 | bf16."""
+    (default: bf16 only on hardware with native bf16, else fp32) | fp32 | bf16; --batch N slices per
+    forward pass (default: the bundle's inference.yaml, 8)."""
     inference.main(bundle=bundle, input=input, output=output, weights=weights, overwrite=overwrite, batch=batch, precision=precision)
 
 

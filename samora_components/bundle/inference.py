@@ -17,10 +17,21 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from monai.transforms import LoadImaged
+from monai.utils import ImageMetaKey
 from tqdm import tqdm
 
 from samora_components.bundle.cards import apply_card, check_weights, read_model_card
-from samora_components.data.io import VOLUME_SUFFIXES, VolumeError, check_volume, read_volume, volume_stem
+from samora_components.data.io import (
+    VOLUME_SUFFIXES,
+    Volume,
+    VolumeError,
+    check_volume,
+    read_volume,
+    volume_meta,
+    volume_stem,
+)
 from samora_components.metrics.reports import Case
 from samora_components.networks.precision import check_precision
 from samora_components.utils import atomic_path, first_line
@@ -72,9 +83,16 @@ class BundlePredictor:
         )
 
     @torch.no_grad()
-    def __call__(self, path: str) -> np.ndarray:
-        """Label array (uint8) for one volume file, on the file's own voxel grid."""
-        data = self.preprocessing({"image": path})
+    def __call__(self, path: str, volume: Volume | None = None) -> np.ndarray:
+        """Label array (uint8) for one volume file, on the file's own voxel grid. ``volume``: the
+        file already read (:func:`read_volume`), so that it is not read again."""
+        transforms = getattr(self.preprocessing, "transforms", ())
+        if volume is not None and transforms and isinstance(transforms[0], LoadImaged):
+            meta = {**volume_meta(volume), ImageMetaKey.FILENAME_OR_OBJ: str(path)}
+            image = MetaTensor(np.asarray(volume.array, dtype=np.float32), meta=meta)
+            data = self.preprocessing({"image": image}, start=1)  # what LoadImaged would have given
+        else:
+            data = self.preprocessing({"image": path})
         image = data["image"]
         data["pred"] = self.inferer(image.unsqueeze(0).to(self.device), self.network)[0].cpu()
         data = self.postprocessing(data)
@@ -100,8 +118,9 @@ def output_path(source: Path, output: Path) -> Path:
     return output / f"{volume_stem(source)}.nii.gz"
 
 
-def save_like(label: np.ndarray, source: Path, target: Path) -> None:
-    """Write ``label`` with the source's affine (and NIfTI header when the source is NIfTI), atomically."""
+def save_like(label: np.ndarray, source: Path, target: Path, affine: np.ndarray | None = None) -> None:
+    """Write ``label`` with the source's affine (and NIfTI header when the source is NIfTI), atomically;
+    ``affine``: the source's, when it has been read already (other formats)."""
     if source.name.endswith((".nii", ".nii.gz")):
         ref = nib.load(str(source))
         header = ref.header.copy()
@@ -111,22 +130,22 @@ def save_like(label: np.ndarray, source: Path, target: Path) -> None:
         img.set_qform(*ref.get_qform(coded=True))
         img.set_sform(*ref.get_sform(coded=True))
     else:
-        img = nib.Nifti1Image(label, read_volume(source).affine)
+        img = nib.Nifti1Image(label, read_volume(source).affine if affine is None else affine)
     with atomic_path(target) as tmp:
         nib.save(img, str(tmp))
 
 
 def predict_file(predictor: BundlePredictor, source: Path, target: Path) -> np.ndarray:
-    """Check, segment and save one volume; raises :class:`VolumeError` for unusable input."""
+    """Check, segment and save one volume (read once); raises :class:`VolumeError` for unusable input."""
     volume = read_volume(source)
     array = check_volume(np.asarray(volume.array), str(source))
     try:
-        label = predictor(str(source))
+        label = predictor(str(source), volume)
     except Exception as err:
         raise VolumeError(f"{source}: inference failed ({first_line(err)})") from err
     if label.shape != array.shape:
         raise VolumeError(f"{source}: prediction shape {label.shape} differs from the image {array.shape}")
-    save_like(label.reshape(volume.array.shape), source, target)
+    save_like(label.reshape(volume.array.shape), source, target, volume.affine)
     return label
 
 
@@ -143,7 +162,7 @@ def predict_datalist(predictor: BundlePredictor, items: list[dict], out: Path, o
     return cases
 
 
-def main(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int = 16,
+def main(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int | None = None,
          precision: str | None = None) -> None:
     """CLI: segment a file or folder; one error line per bad input, non-zero exit if any failed (the
     CLI reports errors that stop the whole run, such as a missing bundle, in one line)."""

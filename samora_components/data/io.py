@@ -38,6 +38,7 @@ __all__ = [
     "VOLUME_SUFFIXES",
     "volume_stem",
     "readers",
+    "volume_meta",
     "axial_slices",
 ]
 
@@ -84,11 +85,14 @@ def _is_h5(path: str) -> bool:
     return str(path).endswith(".h5")
 
 
-def _h5_arrays(path: str) -> dict[str, np.ndarray]:
+def _h5_array(path: str, key: str) -> np.ndarray:
+    """The ``key`` array of an h5 file (only that one is read)."""
     import h5py
 
     with h5py.File(path, "r") as handle:
-        return {k: np.asarray(handle[k]) for k in handle.keys()}
+        if key not in handle:
+            raise VolumeError(f"{path}: no '{key}' array (has {sorted(handle.keys())})")
+        return np.asarray(handle[key])
 
 
 def _orient_h5(array: np.ndarray, path: str) -> np.ndarray:
@@ -120,10 +124,8 @@ def read_volume(path: str | Path, key: str = "image") -> Volume:
             img = sitk.ReadImage(path)
             return Volume(np.transpose(sitk.GetArrayFromImage(img)), _sitk_affine(img))
         if _is_h5(path):
-            arrays = _h5_arrays(path)
-            if key not in arrays:
-                raise VolumeError(f"{path}: no '{key}' array (has {sorted(arrays)})")
-            return Volume(_orient_h5(arrays[key], path), np.eye(4), "scaled01" if path.endswith(".npy.h5") else None)
+            array = _orient_h5(_h5_array(path, key), path)
+            return Volume(array, np.eye(4), "scaled01" if path.endswith(".npy.h5") else None)
         if path.endswith(".npz"):
             with np.load(path) as data:
                 if key not in data:
@@ -204,6 +206,21 @@ def check_volume(array: np.ndarray, path: str = "") -> np.ndarray:
     return array
 
 
+def volume_meta(volume: Volume, channel_dim: int | None = None) -> dict:
+    """The MONAI metadata ``LoadImage`` attaches to a volume read by our readers: affine (RAS),
+    spatial shape, channel layout and, when known, what the intensities already are."""
+    meta = {
+        MetaKeys.AFFINE: volume.affine.copy(),
+        MetaKeys.ORIGINAL_AFFINE: volume.affine.copy(),
+        MetaKeys.SPATIAL_SHAPE: np.asarray(np.shape(volume.array)),
+        MetaKeys.SPACE: SpaceKeys.RAS,
+        MetaKeys.ORIGINAL_CHANNEL_DIM: "no_channel" if channel_dim is None else channel_dim,
+    }
+    if volume.intensity:
+        meta[INTENSITY_META] = volume.intensity
+    return meta
+
+
 def _sitk_affine(img: Any) -> np.ndarray:
     """LPS direction/spacing/origin of a SimpleITK image -> RAS affine for (X, Y, Z) arrays."""
     direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -236,17 +253,7 @@ class _ArrayReader(ImageReader):
     def get_data(self, img) -> tuple[np.ndarray, dict]:
         vols = img if isinstance(img, list) else [img]
         arrays = [np.asarray(v.array) for v in vols]
-        vol = vols[0]
-        meta = {
-            MetaKeys.AFFINE: vol.affine.copy(),
-            MetaKeys.ORIGINAL_AFFINE: vol.affine.copy(),
-            MetaKeys.SPATIAL_SHAPE: np.asarray(arrays[0].shape),
-            MetaKeys.SPACE: SpaceKeys.RAS,
-            MetaKeys.ORIGINAL_CHANNEL_DIM: "no_channel" if self.channel_dim is None else self.channel_dim,
-        }
-        if vol.intensity:
-            meta[INTENSITY_META] = vol.intensity
-        return (np.stack(arrays) if len(arrays) > 1 else arrays[0]), meta
+        return (np.stack(arrays) if len(arrays) > 1 else arrays[0]), volume_meta(vols[0], self.channel_dim)
 
 
 class H5Reader(_ArrayReader):
