@@ -118,6 +118,9 @@ def chunked_attention(site: "ExpertAttention", u: torch.Tensor, hw: tuple[int, i
         rw = get_rel_pos(hw[1], hw[1], base.rel_pos_w)
         th = torch.einsum("ehdr,ykd->ehykr", bq_heads, rh.to(bq.dtype)).to(zq.dtype)
         tw = torch.einsum("ehdr,xkd->ehxkr", bq_heads, rw.to(bq.dtype)).to(zq.dtype)
+        ys = torch.arange(hw[0], device=u.device).repeat_interleave(hw[1])
+        xs = torch.arange(hw[1], device=u.device).repeat(hw[0])
+        key_rows = torch.cat([F.one_hot(ys, hw[0]), F.one_hot(xs, hw[1])], dim=-1).T.to(q0.dtype)  # (H + W, N)
     budget = CHUNK_BYTES_TRAINING if torch.is_grad_enabled() else CHUNK_BYTES
     step = max(1, budget // (nv * (heads * n * n + 4 * n * c) * 4))
     attended = u.new_empty(nv, b, n, heads * dv) if not torch.is_grad_enabled() else None
@@ -131,12 +134,13 @@ def chunked_attention(site: "ExpertAttention", u: torch.Tensor, hw: tuple[int, i
         # experts: (E, m, 1, N, r) @ (E, m, h, r, N) low-rank logit updates, added in place
         g = torch.einsum("ehdr,mhnd->emhrn", bq_heads, kh) * base.scale
         z = zq[rows].permute(2, 0, 1, 3).unsqueeze(2)
-        logits = (z @ g).add_(base_logits)  # (E, m, h, N, N)
-        if site.rel_pos:
+        if site.rel_pos:  # the position bias of the low-rank term as H + W extra channels of the same product
             zg = z.view(ne, m, hw[0], hw[1], rank)
-            grid = logits.view(ne, m, heads, hw[0], hw[1], hw[0], hw[1])
-            grid.add_(torch.einsum("emyxr,ehykr->emhyxk", zg, th)[..., None])
-            grid.add_(torch.einsum("emyxr,ehxkr->emhyxk", zg, tw)[..., None, :])
+            rel_h = torch.einsum("emyxr,ehykr->emhyxk", zg, th).reshape(ne, m, heads, n, hw[0])
+            rel_w = torch.einsum("emyxr,ehxkr->emhyxk", zg, tw).reshape(ne, m, heads, n, hw[1])
+            z = torch.cat([z.expand(-1, -1, heads, -1, -1), rel_h.to(z.dtype), rel_w.to(z.dtype)], dim=-1)
+            g = torch.cat([g, key_rows.to(g.dtype).expand(ne, m, heads, -1, -1)], dim=-2)  # (E, m, h, r + H + W, N)
+        logits = (z @ g).add_(base_logits)  # (E, m, h, N, N)
         v0h = v0[rows].reshape(m, n, heads, dv).transpose(1, 2)
         ve = v0[rows] + torch.einsum("bner,eor->ebno", zv[rows], bv)  # (E, m, N, h*dv)
         veh = ve.view(ne, m, n, heads, dv).transpose(2, 3)
