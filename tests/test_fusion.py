@@ -309,3 +309,20 @@ def test_gate_init_and_fusion_norm_are_settings():
     assert all(isinstance(site.fusion_norm, torch.nn.LayerNorm) for site in net.sites)
     default = SAMoraNet(3, backbone="tiny_vit", checkpoint="", method="samora")
     assert all(float(site.gate) == 0.0 and isinstance(site.fusion_norm, torch.nn.Identity) for site in default.sites)
+
+
+def test_frozen_experts_are_stacked_once_for_inference():
+    net = SAMoraNet(3, backbone="tiny_tinyvit", checkpoint="", method="samora", gate_init=1.0).eval()
+    site = net.sites[0]
+    _randomise_experts(net, std=0.5)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        before = net.embed(x)
+        kept = site.stacked_experts()
+        assert site.stacked_experts() is kept
+        site.experts["patch"].b_v.mul_(2.0)  # a changed expert (a load) is picked up
+        assert site.stacked_experts() is not kept
+        after = net.embed(x)
+    assert not torch.allclose(before, after)
+    site.stacked_experts()  # with gradients recorded: built from the parameters, nothing kept
+    assert site._stacked is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from samora_components.networks.backbones import build_backbone
 from samora_components.networks.lora import (
@@ -100,3 +101,24 @@ def test_expert_file_round_trip_and_effect(tmp_path):
     with pytest.raises(ValueError, match="sites"):
         load_expert(path, [fresh_layers[0].expert])
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_inference_keeps_the_merged_weight_until_a_weight_changes():
+    bb = build_backbone("tiny_tinyvit", checkpoint="")
+    attn = bb.attention_sites()[0]
+    layer = LoRAQKV(attn.qkv, qkv_rows(attn, bb.attention_layout), 4).eval()
+    x = torch.rand(2, 5, attn.qkv.in_features)
+    with torch.no_grad():
+        first = layer(x)
+        kept = layer.merged_weight()
+        assert layer.merged_weight() is kept  # nothing changed: the same tensor
+        torch.nn.init.normal_(layer.expert.b_q)  # an in-place change (as an optimizer step or a load)
+        assert layer.merged_weight() is not kept
+        changed = layer(x)
+    assert not torch.allclose(first, changed)
+    exact = F.linear(x, attn.qkv.weight + layer.delta_weight(), attn.qkv.bias)
+    assert torch.allclose(changed, exact, atol=1e-6)
+    layer.train()
+    out = layer(x)  # training: merged on the fly, gradients reach the expert
+    out.sum().backward()
+    assert layer.expert.b_q.grad is not None and layer.expert.a_v.grad is not None

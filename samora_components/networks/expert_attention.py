@@ -109,14 +109,31 @@ class ExpertAttention(nn.Module):
                                       self.base.rel_pos_h, self.base.rel_pos_w, hw, hw)
         return flat.view(b, heads, n, n)
 
+    def stacked_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All experts' A matrices in one (2 E r, C) weight ([A_q of each, A_v of each]) and their B
+        matrices stacked, (E, h*dq, r) and (E, h*dv, r). Experts are frozen after stage 1: without
+        gradients the stacks are kept until an expert weight changes (a load, a device move)."""
+        experts = [self.experts[lv] for lv in self.levels]
+        if torch.is_grad_enabled():
+            self._stacked = None
+            return self._stack(experts)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for e in experts for p in e.parameters())
+        if getattr(self, "_stacked", None) is None or self._stacked[0] != key:
+            self._stacked = (key, self._stack(experts))
+        return self._stacked[1]
+
+    @staticmethod
+    def _stack(experts: list[LoRAExpert]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = torch.cat([e.a_q for e in experts] + [e.a_v for e in experts])
+        return a, torch.stack([e.b_q for e in experts]), torch.stack([e.b_v for e in experts])
+
     def low_rank_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every expert's rank-r inputs zq, zv (B, N, E, r) = A u, and the stacked B matrices
         bq (E, h*dq, r), bv (E, h*dv, r): expert e's q update is ``zq[..., e, :] @ bq[e].T``."""
-        experts = [self.experts[lv] for lv in self.levels]
+        a, bq, bv = self.stacked_experts()
         b, n, _ = u.shape
-        z = torch.nn.functional.linear(u, torch.cat([e.a_q for e in experts] + [e.a_v for e in experts]))
-        z = z.view(b, n, 2, len(experts), experts[0].rank)
-        return z[:, :, 0], z[:, :, 1], torch.stack([e.b_q for e in experts]), torch.stack([e.b_v for e in experts])
+        z = torch.nn.functional.linear(u, a).view(b, n, 2, len(self.levels), a.shape[0] // (2 * len(self.levels)))
+        return z[:, :, 0], z[:, :, 1], bq, bv
 
     def combine(self, variants: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Projected attention outputs (1 + E, B, N, C), base first -> a0 + γ · Fusion({d_e}, u)."""

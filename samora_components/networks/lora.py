@@ -102,8 +102,10 @@ class LoRAExpert(nn.Module):
 class LoRAQKV(nn.Module):
     """A fused qkv linear plus one trainable :class:`LoRAExpert` (SAMed-style adaptation).
 
-    The low-rank update is merged into the weight on the fly, so the forward costs one matmul of
-    the original size: (..., C) -> (..., 3 * C').
+    The low-rank update is merged into the weight, so the forward costs one matmul of the original
+    size: (..., C) -> (..., 3 * C'). While training (or whenever gradients are recorded) the merge
+    happens on every call, so gradients stay exact; in inference the merged weight is kept and
+    rebuilt only when a weight changes (an optimizer step, a loaded state dict, a device move).
     """
 
     def __init__(self, base: nn.Linear, rows: QKVRows, rank: int = 4) -> None:
@@ -112,6 +114,7 @@ class LoRAQKV(nn.Module):
         self.register_buffer("q_rows", rows.q, persistent=False)
         self.register_buffer("v_rows", rows.v, persistent=False)
         self.expert = LoRAExpert(base.in_features, rows.q.numel(), rows.v.numel(), rank)
+        self._merged: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def in_features(self) -> int:
@@ -128,8 +131,19 @@ class LoRAQKV(nn.Module):
         delta = delta.index_add(0, self.q_rows, (e.b_q @ e.a_q).to(delta.dtype))
         return delta.index_add(0, self.v_rows, (e.b_v @ e.a_v).to(delta.dtype))
 
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight plus the update, kept between inference calls while no weight changes."""
+        tensors = (self.base.weight, *self.expert.parameters())
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        if self._merged is None or self._merged[0] != key:
+            with torch.no_grad():
+                self._merged = (key, self.base.weight + self.delta_weight())
+        return self._merged[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
+        if self.training or torch.is_grad_enabled():
+            return F.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
+        return F.linear(x, self.merged_weight(), self.base.bias)
 
 
 def attach_lora(sites: list[nn.Module], layout: str, rank: int = 4) -> list[LoRAQKV]:
