@@ -13,6 +13,7 @@ import ctypes.util
 import json
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +31,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The folder is created if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    tmp = path.with_name(f".partial-{os.getpid()}-{threading.get_ident()}-{path.name}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -81,8 +82,9 @@ def keep_freed_memory() -> bool:
     glibc serves buffers above a few MiB with fresh ``mmap`` calls and gives freed heap memory back,
     so every batch pays page faults again: on a 2-core CPU the system time of ``infer`` was about 40 %
     of its user time (docs/results.md). Buffers up to 32 MiB then come from the heap, which keeps
-    up to 2 GiB of freed memory. Linux with glibc only (elsewhere nothing changes); the environment
-    variable ``SAMORA_SYSTEM_MALLOC=1`` leaves the allocator as it is. Returns whether it applied.
+    up to 2 GiB of freed memory. Called by the command line and by ``BundlePredictor`` (not at
+    import). Linux with glibc only (elsewhere nothing changes); the environment variable
+    ``SAMORA_SYSTEM_MALLOC=1`` leaves the allocator as it is. Returns whether it applied.
     """
     if os.environ.get("SAMORA_SYSTEM_MALLOC") == "1" or not sys.platform.startswith("linux"):
         return False

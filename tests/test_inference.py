@@ -199,3 +199,22 @@ def test_freed_memory_is_kept_unless_the_environment_says_not(monkeypatch):
     assert keep_freed_memory() is True  # Linux with glibc (CI and the supported platform)
     monkeypatch.setenv("SAMORA_SYSTEM_MALLOC", "1")
     assert keep_freed_memory() is False
+
+
+def test_a_4d_singleton_nifti_is_segmented_on_its_own_grid(bundle, tmp_path):
+    from samora_components.bundle import inference
+
+    volume = _volume()[..., None]  # (X, Y, Z, 1)
+    path = _save(volume, np.eye(4), tmp_path / "x4.nii.gz")
+    predictor = BundlePredictor.from_bundle(bundle, precision="fp32")
+    label = inference.predict_file(predictor, path, tmp_path / "out" / "x4.nii.gz")
+    assert label.shape == volume.shape[:3]
+    assert nib.load(tmp_path / "out" / "x4.nii.gz").shape == volume.shape
+
+
+def test_a_left_over_partial_write_is_not_an_input(tmp_path):
+    from samora_components.bundle.inference import find_volumes
+
+    _save(_volume(), np.eye(4), tmp_path / "a.nii.gz")
+    (tmp_path / ".partial-123-456-b.nii.gz").write_bytes(b"half a file")
+    assert [p.name for p in find_volumes(tmp_path)] == ["a.nii.gz"]

@@ -122,3 +122,21 @@ def test_inference_keeps_the_merged_weight_until_a_weight_changes():
     out = layer(x)  # training: merged on the fly, gradients reach the expert
     out.sum().backward()
     assert layer.expert.b_q.grad is not None and layer.expert.a_v.grad is not None
+
+
+def test_a_train_eval_switch_drops_the_merged_weight():
+    """Optimizers that update in place without a version bump (fused AdamW) are covered by the
+    train()/eval() switch every evaluation makes."""
+    bb = build_backbone("tiny_tinyvit", checkpoint="")
+    attn = bb.attention_sites()[0]
+    layer = LoRAQKV(attn.qkv, qkv_rows(attn, bb.attention_layout), 4).eval()
+    x = torch.rand(2, 5, attn.qkv.in_features)
+    with torch.no_grad():
+        layer(x)
+        layer.expert.b_q.data.normal_()  # through .data: no version bump
+        layer.train().eval()
+        assert torch.allclose(layer(x), F.linear(x, attn.qkv.weight + layer.delta_weight(), attn.qkv.bias), atol=1e-6)
+    with torch.inference_mode():  # built and run as inference tensors (no version counter): nothing is kept
+        inner = build_backbone("tiny_tinyvit", checkpoint="").attention_sites()[0]
+        built = LoRAQKV(inner.qkv, qkv_rows(inner, bb.attention_layout), 4).eval()
+        assert torch.equal(built(x), built(x)) and built._merged is None

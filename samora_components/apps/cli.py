@@ -27,7 +27,7 @@ from samora_components.apps import bench, demo
 from samora_components.bundle import cards, inference, workflow
 from samora_components.data import datalists, phantom
 from samora_components.metrics import reports
-from samora_components.utils import first_line, user_error
+from samora_components.utils import first_line, keep_freed_memory, user_error
 
 
 def _phantom(out: str, kind: str = "ct", cases: int = 10, seed: int = 0, unlabeled: int = 0) -> None:
@@ -112,6 +112,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_memory()  # large per-batch buffers are reused, not page-faulted in again (see utils)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
         return

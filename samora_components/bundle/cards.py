@@ -45,9 +45,12 @@ def card_mismatches(network: torch.nn.Module, card: dict) -> list[str]:
     keys = [k for k in ARCHITECTURE_KEYS if k in card and k != "backbone_checkpoint"]
     if arch["method"] != "samora" and card.get("method") == arch["method"]:
         keys = [k for k in keys if k not in _SAMORA_KEYS]
+    if network.attention_layout != "tinyvit":  # fitted windows exist only in TinyViT backbones
+        keys = [k for k in keys if k != "fit_windows"]
     found = [f"{k}={card[k]!r} (config: {arch[k]!r})" for k in keys if _plain(card[k]) != _plain(arch[k])]
-    if card.get("backbone_sha256") and network.backbone_sha256 and card["backbone_sha256"] != network.backbone_sha256:
-        found.append("backbone weights (SHA-256 differs)")
+    if card.get("backbone_sha256") and card["backbone_sha256"] != network.backbone_sha256:
+        found.append("backbone weights (SHA-256 differs: set backbone_checkpoint to the file the card names)"
+                     if network.backbone_sha256 else "backbone weights (the config builds a random backbone)")
     return found
 
 

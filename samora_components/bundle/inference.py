@@ -34,7 +34,7 @@ from samora_components.data.io import (
 )
 from samora_components.metrics.reports import Case
 from samora_components.networks.precision import check_precision
-from samora_components.utils import atomic_path, first_line
+from samora_components.utils import atomic_path, first_line, keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class BundlePredictor:
                     precision: str | None = None) -> "BundlePredictor":
         """Parse ``bundle/configs/inference.yaml`` and load ``weights`` (default ``models/model.pt``);
         ``precision`` ("auto", "fp32" or "bf16") overrides the config's ``auto``."""
+        keep_freed_memory()  # per-batch buffers reused (see utils); the CLI asks too, MONAI Label does not
         bundle = Path(bundle)
         config = bundle / "configs" / "inference.yaml"
         if not config.is_file():
@@ -106,7 +107,8 @@ def find_volumes(path: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_file():
         return [path]
-    found = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(VOLUME_SUFFIXES))
+    found = sorted(p for p in path.iterdir()  # hidden files (e.g. an interrupted write's .partial-*) are not inputs
+                   if p.is_file() and not p.name.startswith(".") and p.name.endswith(VOLUME_SUFFIXES))
     found += sorted(p for p in path.glob("*/mri_norm2.h5"))
     if not found:
         raise FileNotFoundError(f"{path}: no volume files ({', '.join(VOLUME_SUFFIXES)})")
@@ -140,7 +142,7 @@ def predict_file(predictor: BundlePredictor, source: Path, target: Path) -> np.n
     volume = read_volume(source)
     array = check_volume(np.asarray(volume.array), str(source))
     try:
-        label = predictor(str(source), volume)
+        label = predictor(str(source), Volume(array, volume.affine, volume.intensity))  # (X, Y, Z), read once
     except Exception as err:
         raise VolumeError(f"{source}: inference failed ({first_line(err)})") from err
     if label.shape != array.shape:

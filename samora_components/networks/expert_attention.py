@@ -23,7 +23,7 @@ from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 from torch import nn
 
 from samora_components.networks import kernels
-from samora_components.networks.lora import ATTENTION_LAYOUTS, LoRAExpert, qkv_rows
+from samora_components.networks.lora import ATTENTION_LAYOUTS, LoRAExpert, cache_key, qkv_rows
 
 __all__ = ["ExpertAttention", "gates_at", "KERNELS"]
 
@@ -114,13 +114,17 @@ class ExpertAttention(nn.Module):
         matrices stacked, (E, h*dq, r) and (E, h*dv, r). Experts are frozen after stage 1: without
         gradients the stacks are kept until an expert weight changes (a load, a device move)."""
         experts = [self.experts[lv] for lv in self.levels]
-        if torch.is_grad_enabled():
+        key = None if torch.is_grad_enabled() else cache_key([p for e in experts for p in e.parameters()])
+        if key is None:
             self._stacked = None
             return self._stack(experts)
-        key = tuple((p.data_ptr(), p._version, p.dtype) for e in experts for p in e.parameters())
         if getattr(self, "_stacked", None) is None or self._stacked[0] != key:
             self._stacked = (key, self._stack(experts))
         return self._stacked[1]
+
+    def train(self, mode: bool = True) -> "ExpertAttention":
+        self._stacked = None  # also for optimizers that update in place without a version bump
+        return super().train(mode)
 
     @staticmethod
     def _stack(experts: list[LoRAExpert]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

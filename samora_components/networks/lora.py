@@ -28,7 +28,7 @@ from torch import nn
 from samora_components.utils import atomic_path
 
 __all__ = [
-    "ATTENTION_LAYOUTS", "QKVRows", "qkv_rows", "LoRAExpert", "LoRAQKV", "attach_lora", "save_expert", "load_expert", "read_expert_metadata",
+    "ATTENTION_LAYOUTS", "QKVRows", "cache_key", "qkv_rows", "LoRAExpert", "LoRAQKV", "attach_lora", "save_expert", "load_expert", "read_expert_metadata",
     "LEVELS",
 ]
 
@@ -132,18 +132,33 @@ class LoRAQKV(nn.Module):
         return delta.index_add(0, self.v_rows, (e.b_v @ e.a_v).to(delta.dtype))
 
     def merged_weight(self) -> torch.Tensor:
-        """The base weight plus the update, kept between inference calls while no weight changes."""
-        tensors = (self.base.weight, *self.expert.parameters())
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
-        if self._merged is None or self._merged[0] != key:
+        """The base weight plus the update, kept between inference calls while no weight changes
+        (also dropped by every ``train()``/``eval()`` switch, for optimizers that update in place
+        without a version bump)."""
+        key = cache_key((self.base.weight, *self.expert.parameters()))
+        if key is None or self._merged is None or self._merged[0] != key:
             with torch.no_grad():
-                self._merged = (key, self.base.weight + self.delta_weight())
+                merged = self.base.weight + self.delta_weight()
+            self._merged = None if key is None else (key, merged)
+            return merged
         return self._merged[1]
+
+    def train(self, mode: bool = True) -> "LoRAQKV":
+        self._merged = None
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or torch.is_grad_enabled():
             return F.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
         return F.linear(x, self.merged_weight(), self.base.bias)
+
+
+def cache_key(tensors) -> tuple | None:
+    """What identifies the current values of ``tensors`` (storage, in-place version, dtype), or None
+    when they cannot be tracked (inference-mode tensors)."""
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
 
 
 def attach_lora(sites: list[nn.Module], layout: str, rank: int = 4) -> list[LoRAQKV]:

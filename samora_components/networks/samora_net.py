@@ -119,6 +119,7 @@ class SAMoraNet(nn.Module):
         self.fit_windows = bool(fit_windows)
         self.backbone_name = bb.name
         self.backbone_sha256 = bb.checkpoint_sha256
+        self.attention_layout = bb.attention_layout
         self.img_size = bb.img_size
         self.method = method
         self.in_channels = in_channels
