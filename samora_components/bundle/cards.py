@@ -14,17 +14,16 @@ from pathlib import Path
 import torch
 
 from samora_components.utils import atomic_path, write_json
+from samora_components.networks.samora_net import SAMoraNet
 
 logger = logging.getLogger("samora")
 
 __all__ = ["ARCHITECTURE_KEYS", "apply_card", "card_mismatches", "check_card", "check_weights", "model_card_path", "read_model_card",
            "export_weights"]
 
-#: model-card keys that describe the network; ``inference.yaml`` writes each out as a config key
-ARCHITECTURE_KEYS = (
-    "method", "backbone", "backbone_checkpoint", "img_size", "num_classes", "lora_rank", "expert_levels", "fusion",
-    "fusion_order", "fusion_width", "fusion_heads", "gate_init", "fusion_norm", "fit_windows",
-)
+#: model-card keys that describe the network (``SAMoraNet``'s own list, less the training-only
+#: ``scratch_levels``); ``inference.yaml`` writes each out as a config key
+ARCHITECTURE_KEYS = tuple(key for key in SAMoraNet.CARD_ARGS if key != "scratch_levels")
 #: keys that only matter for SAMora networks
 _SAMORA_KEYS = ("expert_levels", "fusion", "fusion_order", "fusion_width", "fusion_heads", "gate_init", "fusion_norm")
 

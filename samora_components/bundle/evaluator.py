@@ -66,7 +66,7 @@ class PredictionWriter:
             if label.shape != array.shape:
                 raise VolumeError(f"{source}: prediction shape {label.shape} differs from the image {array.shape}")
             target = output_path(source, self.output_dir)
-            save_like(label.astype(np.uint8).reshape(volume.array.shape), source, target)
+            save_like(label.astype(np.uint8).reshape(volume.array.shape), source, target, volume.affine)
             self.written.append(target)
 
 

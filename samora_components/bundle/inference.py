@@ -32,13 +32,12 @@ from samora_components.data.io import (
     volume_meta,
     volume_stem,
 )
-from samora_components.metrics.reports import Case
 from samora_components.networks.precision import check_precision
 from samora_components.utils import atomic_path, first_line, keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BundlePredictor", "find_volumes", "output_path", "predict_file", "predict_datalist", "main"]
+__all__ = ["BundlePredictor", "find_volumes", "output_path", "predict_file", "main"]
 
 
 @dataclass
@@ -149,19 +148,6 @@ def predict_file(predictor: BundlePredictor, source: Path, target: Path) -> np.n
         raise VolumeError(f"{source}: prediction shape {label.shape} differs from the image {array.shape}")
     save_like(label.reshape(volume.array.shape), source, target, volume.affine)
     return label
-
-
-def predict_datalist(predictor: BundlePredictor, items: list[dict], out: Path, overwrite: bool = True) -> list:
-    """Predict every ``image`` of datalist items into ``out``; return evaluation cases (pred, label)."""
-    cases = []
-    for item in tqdm(items, desc="predict", unit="vol"):
-        source = Path(item["image"])
-        target = output_path(source, out)
-        if overwrite or not target.exists():
-            predict_file(predictor, source, target)
-        if item.get("label"):
-            cases.append(Case(volume_stem(source), target, Path(item["label"]), source))
-    return cases
 
 
 def main(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int | None = None,

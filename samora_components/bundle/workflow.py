@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -14,9 +15,6 @@ from pathlib import Path
 
 from monai.bundle import run as bundle_run
 
-from samora_components.bundle.inference import BundlePredictor, predict_datalist
-from samora_components.data.datasets import read_datalist
-from samora_components.metrics.reports import evaluate_cases, format_table
 
 logger = logging.getLogger("samora")
 
@@ -40,21 +38,19 @@ def prepare_run(*folders: str) -> None:
 
 def evaluate_bundle(bundle_root: str, datalist: str, section: str = "test", out: str = "eval",
                     weights: str | None = None, **scoring) -> dict:
-    """Predict a datalist section with the bundle's inference config and score it.
+    """Run the bundle's ``configs/evaluate.yaml`` (the MONAI evaluator) on a datalist section and
+    return its summary.
 
     Writes ``out/pred/<case>.nii.gz`` and the reports of :func:`samora_components.metrics.reports.evaluate_cases`
     (metrics.csv, summary.csv/json, dice_bar.png, overlays/) into ``out``. ``scoring``: ``protocol``
-    (default transunet), ``classes`` (default: the bundle's) and ``label_map``, as that function takes them.
+    (default transunet), ``classes`` (default: the bundle's) and ``label_map``, config keys of that file.
     """
-    protocol = scoring.get("protocol", "transunet")
-    items = read_datalist(datalist, section)
-    if not items:
-        raise ValueError(f"{datalist} has no '{section}' items to evaluate")
-    predictor = BundlePredictor.from_bundle(bundle_root, weights)
-    cases = predict_datalist(predictor, items, Path(out) / "pred")
-    summary = evaluate_cases(cases, protocol, out, scoring.get("classes") or bundle_root, scoring.get("label_map"))
-    logger.info("%s (%s protocol, %d cases):\n%s", section, protocol, len(cases), format_table(summary))
-    return summary
+    overrides = {"datalist": str(datalist), "section": section, "output_dir": str(out), **scoring}
+    if weights:
+        overrides["weights"] = str(weights)
+    run_config(bundle_root, "evaluate", run_id="evaluating", **overrides)
+    with open(Path(out) / "summary.json") as handle:
+        return json.load(handle)
 
 
 def _names(value: str | Sequence[str] | None) -> list[str]:
