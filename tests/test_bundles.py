@@ -192,10 +192,10 @@ def test_mr_postprocessing_keeps_the_largest_structure_on_the_input_grid(tmp_pat
         handle["image"] = volume
     parser = _parse([str(REPO / "bundles" / "samora_mr" / "configs" / "inference.yaml")])
     data = parser.get_parsed_content("preprocessing")({"image": str(path)})
-    logits = torch.zeros(2, 30, 26, 8)
-    logits[1, 2:12, 2:12, 1:6] = 1.0  # the structure
-    logits[1, 20:23, 20:23, 2:4] = 1.0  # a separate false positive
-    data["pred"] = logits
+    labels = torch.zeros(1, 30, 26, 8, dtype=torch.uint8)  # what the SliceLabelInferer gives
+    labels[0, 2:12, 2:12, 1:6] = 1  # the structure
+    labels[0, 20:23, 20:23, 2:4] = 1  # a separate false positive
+    data["pred"] = labels
     label = parser.get_parsed_content("postprocessing")(data)["pred"]
     assert tuple(label.shape) == (1, 30, 26, 8) and label.dtype == torch.uint8
     assert int(label.sum()) == 10 * 10 * 5 and int(label[0, 20:23, 20:23].sum()) == 0
