@@ -6,9 +6,14 @@ STAMP := $(VENV)/.samora-installed
 
 .PHONY: demo test env clean
 
+# sam2 (the SAM2 Hiera backbones) is published only as a source archive whose build imports torch:
+# torch, torchvision, numpy and the build tools go first, then the rest with SAM2_BUILD_CUDA=0 (no
+# CUDA extension, so no CUDA toolkit is needed) and --no-build-isolation (built against the torch
+# just installed: no second torch is downloaded).
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q $$(grep -E '^(torch|torchvision|numpy|setuptools|wheel)==' requirements.txt)
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install --disable-pip-version-check -q --no-build-isolation -r requirements.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 

@@ -17,9 +17,10 @@ ALLOWED = {
     "train.yaml": {"bundle_root", "dataset_dir", "num_classes", "class_names", "intensity", "intensity_source",
                    "flip_prob"},
     "pretrain.yaml": {"bundle_root", "dataset_dir", "intensity", "intensity_source"},
-    "inference.yaml": {"bundle_root", "method", "img_size", "num_classes", "preprocessing", "postprocessing"},
+    "inference.yaml": {"bundle_root", "method", "img_size", "num_classes", "preprocessing", "postprocessing",
+                       "inferer"},  # the slice batch follows the shipped input size (256 px CT, 128 px MR)
     "evaluate.yaml": {"bundle_root", "dataset_dir", "preprocessing", "postprocessing", "intensity", "method",
-                      "img_size", "num_classes", "class_names"},
+                      "img_size", "num_classes", "class_names", "inferer"},
 }
 SHARED = ("cpt_mae.yaml", "cpt_simclr.yaml", "pretrain_image.yaml", "pretrain_patch.yaml", "pretrain_pixel.yaml",
           "quick.yaml", "quick_pretrain.yaml", "multi_gpu_train.yaml", "logging.conf")

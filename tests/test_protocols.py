@@ -176,7 +176,8 @@ def _samed_dice_ce(logits: torch.Tensor, target: torch.Tensor, dice_weight: floa
 
 
 def test_dice_term_is_samed_s():
-    loss = _parsed(config_files(str(CT), "train"), "loss")
+    assert isinstance(_parsed(config_files(str(CT), "train"), "loss").loss, DiceCELoss)  # H-SAM's stage weighting wraps it
+    loss = _parsed(config_files(str(CT), "train"), "base_loss")
     assert isinstance(loss, DiceCELoss)
     torch.manual_seed(0)
     logits, target = torch.randn(3, 9, 16, 16), torch.randint(0, 9, (3, 16, 16))

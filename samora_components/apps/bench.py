@@ -1,7 +1,9 @@
 """Speed benchmark: SAMed vs SAMora encoder + decoder latency in one process (SPEC §4).
 
-``python -m samora_components bench --backbone sam_vit_b|litemedsam --batch N --dtype auto|fp32|bf16``
-prints one JSON object:
+``python -m samora_components bench --backbone sam_vit_b|litemedsam --batch N --dtype auto|fp32|bf16
+[--decoder samed|hsam]`` prints one JSON object (``--decoder hsam``: both models carry H-SAM's
+two-stage decoder, i.e. H-SAM vs H-SAMora, timed in eval mode, where it returns the stages'
+combination):
 
 * ``samed`` / ``samora``: per-slice latency (median over ``repeats`` timed forward passes after
   ``warmup`` untimed ones; the two models alternate, so both see the same machine conditions),
@@ -72,10 +74,11 @@ def _flops(net: torch.nn.Module, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def _model(method: str, backbone: str, img_size: int | None, dtype: str, num_classes: int) -> SAMoraNet:
+def _model(method: str, backbone: str, img_size: int | None, dtype: str, num_classes: int,
+           decoder: str = "samed") -> SAMoraNet:
     checkpoint = None if backbone == "litemedsam" else ""
     net = SAMoraNet(num_classes, backbone=backbone, img_size=img_size, checkpoint=checkpoint, method=method,
-                    precision=dtype)
+                    precision=dtype, decoder=decoder)
     if method == "samora":
         with torch.no_grad():
             for site in net.sites:
@@ -87,18 +90,20 @@ def _model(method: str, backbone: str, img_size: int | None, dtype: str, num_cla
 
 
 def benchmark(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", img_size: int | None = None,
-              warmup: int = 2, repeats: int = 7, num_classes: int = 9) -> dict:
+              warmup: int = 2, repeats: int = 7, num_classes: int = 9, decoder: str = "samed") -> dict:
     """Time SAMed and SAMora forward passes on one batch; see the module docstring for the fields.
-    ``dtype`` auto | fp32 | bf16 (auto: bf16 only where the CPU has it natively)."""
+    ``dtype`` auto | fp32 | bf16 (auto: bf16 only where the CPU has it natively); ``decoder`` samed |
+    hsam (the decoder of both models)."""
     choice = resolve_precision(dtype, "cpu")
     dtype = choice.precision
     if batch < 1 or repeats < 1 or warmup < 0:
         raise ValueError("batch and repeats must be >= 1, warmup >= 0")
     torch.manual_seed(0)
-    result: dict = {"backbone": backbone, "batch": batch, "dtype": dtype, "dtype_requested": choice.requested,
-                    "dtype_reason": choice.reason, "threads": torch.get_num_threads(), "device": "cpu",
-                    "cpu": cpu_summary(), "warmup": warmup, "repeats": repeats}
-    nets = {m: _model(m, backbone, img_size, dtype, num_classes) for m in ("samed", "samora")}
+    result: dict = {"backbone": backbone, "decoder": decoder, "batch": batch, "dtype": dtype,
+                    "dtype_requested": choice.requested, "dtype_reason": choice.reason,
+                    "threads": torch.get_num_threads(), "device": "cpu", "cpu": cpu_summary(), "warmup": warmup,
+                    "repeats": repeats}
+    nets = {m: _model(m, backbone, img_size, dtype, num_classes, decoder) for m in ("samed", "samora")}
     size = nets["samed"].img_size
     result["img_size"] = size
     x = torch.rand(batch, 1, size, size)
@@ -135,9 +140,9 @@ def benchmark(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", 
 
 
 def main(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", img_size: int | None = None,
-         warmup: int = 2, repeats: int = 7) -> dict:
+         warmup: int = 2, repeats: int = 7, decoder: str = "samed") -> dict:
     """CLI entry: run :func:`benchmark` and print its JSON on one line."""
-    result = benchmark(backbone, batch, dtype, img_size, warmup, repeats)
+    result = benchmark(backbone, batch, dtype, img_size, warmup, repeats, decoder=decoder)
     print(json.dumps(result))
     return result
 
@@ -169,3 +174,4 @@ def precision_agreement(bundle: str, datalist: str, section: str = "test", weigh
         "cases": len(items), "voxels": total, "agreement": same / total,
         "foreground_agreement": fg_same / fg_total if fg_total else 1.0, "per_case": per_case,
     }
+

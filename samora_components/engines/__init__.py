@@ -1,6 +1,7 @@
 """Engines: stage-1 pre-training (student, objectives, Ignite step), handlers and LR schedules of
-both stages. Stage 2 runs on MONAI's ``SupervisedTrainer``, wired by ``train.yaml``."""
+both stages, the stage-2 losses (H-SAM's stage-weighted loss). Stage 2 runs on MONAI's
+``SupervisedTrainer``, wired by ``train.yaml``."""
 
-from . import handlers, pretrain, schedules
+from . import handlers, losses, pretrain, schedules
 
-__all__ = ["handlers", "pretrain", "schedules"]
+__all__ = ["handlers", "losses", "pretrain", "schedules"]

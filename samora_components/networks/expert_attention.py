@@ -11,6 +11,16 @@ For an attention site with normalised input ``u`` (one window, or the whole grid
 partition, residual, MLP) is SAM's own code: the block computes ``x' = x + a0 + γ·f`` and
 ``x' + MLP(LN(x'))``. :meth:`ExpertAttention.reference` is the plain computation, one variant at a
 time; :mod:`samora_components.networks.kernels` holds two faster kernels that give the same result.
+
+SAM2's Hiera is multi-scale: the first block of stages 2-4 (a *stage transition*) pools its queries
+(``q_pool``, a 2 x 2 max-pool of the projected queries inside each window) and widens the tokens
+(``qkv``: dim -> 3 * dim_out, ``proj``: dim_out -> dim_out); its shortcut is pooled and projected by
+the block itself. At such a site every variant pools its own queries after the expert's low-rank
+update (``pool(q0 + Δq_e)``, not ``pool(q0) + pool(Δq_e)``: the max-pool is not linear), keys and
+values keep the full window, so ``a0`` and each ``d_e`` have the pooled grid and width dim_out. The
+fusion works at that output width (the network builds it with ``attn.proj.out_features``); its
+context, the site input ``u`` elsewhere, is ``a0`` there, the only tensor at the output's grid and
+width (only MoLE's gate reads the context).
 """
 
 from __future__ import annotations
@@ -19,8 +29,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+from sam2.modeling.backbones.hieradet import do_pool
 from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from samora_components.networks import kernels
 from samora_components.networks.lora import ATTENTION_LAYOUTS, LoRAExpert, cache_key, qkv_rows
@@ -35,11 +47,14 @@ class ExpertAttention(nn.Module):
 
     Accepts and returns what the replaced module does: (B, H, W, C) for SAM's ViT attention
     (layout ``"sam_vit"``), (B, N, C) for TinyViT's, which normalises its input itself
-    (``"tinyvit"``). The backbone declares the layout (:attr:`Backbone.attention_layout`).
+    (``"tinyvit"``), (B, H, W, C) -> (B, H', W', C') for SAM2's Hiera (``"hiera"``; H' = H / 2 and
+    C' = dim_out at stage transitions, see the module docstring). The backbone declares the layout
+    (:attr:`Backbone.attention_layout`).
 
     Args:
-        base: the frozen attention module (its ``qkv``, ``proj`` and position terms are used).
-        layout: ``"sam_vit"`` or ``"tinyvit"``.
+        base: the frozen attention module (its ``qkv``, ``proj``, position terms and, for Hiera,
+            ``q_pool`` are used).
+        layout: ``"sam_vit"``, ``"tinyvit"`` or ``"hiera"``.
         levels: expert levels, one :class:`LoRAExpert` each.
         fusion: a module from :func:`samora_components.networks.fusion.build_fusion`.
         rank: expert rank.
@@ -65,12 +80,21 @@ class ExpertAttention(nn.Module):
         self.kernel = kernel
         rows = qkv_rows(base, layout)
         self.geometry = (rows.num_heads, rows.dq, rows.dv)
+        #: the softmax temperature: SAM's and TinyViT's attribute; Hiera uses SDPA's default
+        self.scale = float(base.scale) if layout != "hiera" else rows.dq**-0.5
         self.levels = tuple(levels)
         dim = base.qkv.in_features
+        #: whether the output differs from the input in grid or width (Hiera's stage transitions)
+        self.transition = self.q_pool is not None or base.proj.out_features != dim
         self.experts = nn.ModuleDict({lv: LoRAExpert(dim, rows.q.numel(), rows.v.numel(), rank) for lv in self.levels})
         self.fusion = fusion
-        self.fusion_norm = nn.LayerNorm(dim) if fusion_norm else nn.Identity()
+        self.fusion_norm = nn.LayerNorm(base.proj.out_features) if fusion_norm else nn.Identity()
         self.gate = nn.Parameter(torch.full((), float(gate_init)))
+
+    @property
+    def q_pool(self) -> nn.Module | None:
+        """Hiera's query pooling (a 2 x 2 max-pool at stage transitions), else None."""
+        return getattr(self.base, "q_pool", None) if self.layout == "hiera" else None
 
     @property
     def rel_pos(self) -> bool:
@@ -81,14 +105,33 @@ class ExpertAttention(nn.Module):
     def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fused projection (B, N, 3C') -> q, k (B, N, h*dq) and v (B, N, h*dv), head-major.
 
-        ``[q | k | v]`` for SAM's ViT, per head ``[q_h k_h v_h]`` for TinyViT (split as views; a row
-        gather would cost an index_put in the backward pass)."""
-        if self.layout == "sam_vit":
+        ``[q | k | v]`` for SAM's ViT and Hiera, per head ``[q_h k_h v_h]`` for TinyViT (split as
+        views; a row gather would cost an index_put in the backward pass)."""
+        if self.layout != "tinyvit":
             return qkv.chunk(3, dim=-1)
         heads, dq, dv = self.geometry
         b, n, _ = qkv.shape
         q, k, v = qkv.view(b, n, heads, -1).split([dq, dq, dv], dim=-1)
         return q.reshape(b, n, heads * dq), k.reshape(b, n, heads * dq), v.reshape(b, n, heads * dv)
+
+    def out_grid(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """The token grid of the site's output for an input grid ``hw``: Hiera's query pooling
+        (max-pool without padding, floor mode) shrinks it, every other site keeps it."""
+        pool = self.q_pool
+        if pool is None:
+            return hw
+        kernel, stride = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+        return tuple((n - k) // s + 1 for n, k, s in zip(hw, kernel, stride))
+
+    def pool_queries(self, q: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Hiera's query pooling: q (B, N, h*dq) on the grid ``hw`` -> (B, N', h*dq) on
+        :meth:`out_grid` (SAM2's ``do_pool``, which pools all heads' channels alike); unchanged at
+        sites without pooling."""
+        if self.q_pool is None:
+            return q
+        b = q.shape[0]
+        pooled = do_pool(q.reshape(b, hw[0], hw[1], -1), self.q_pool)  # (B, H', W', h*dq)
+        return pooled.reshape(b, -1, q.shape[-1])
 
     def learned_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """TinyViT's learned attention bias (h, N, N) (its cached copy in eval mode)."""
@@ -140,16 +183,21 @@ class ExpertAttention(nn.Module):
         return z[:, :, 0], z[:, :, 1], bq, bv
 
     def combine(self, variants: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Projected attention outputs (1 + E, B, N, C), base first -> a0 + γ · Fusion({d_e}, u)."""
+        """Projected attention outputs (1 + E, B, N', C'), base first -> a0 + γ · Fusion({d_e}, context).
+
+        The context is the site input u (B, N, C) where it has the output's shape, a0 at Hiera's
+        stage transitions (N' < N, C' != C)."""
         a0 = variants[0]
         deltas = {lv: variants[i + 1] - a0 for i, lv in enumerate(self.levels)}
-        return a0 + self.gate * self.fusion_norm(self.fusion(deltas, u))
+        context = a0 if self.transition else u
+        return a0 + self.gate * self.fusion_norm(self.fusion(deltas, context))
 
     # -- the computation ------------------------------------------------------------------------
     def reference(self, u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """The plain computation, written like SAM's ``Attention.forward``, one variant at a time.
 
-        u: (B, N, C) site input (normalised for TinyViT), hw: the token grid (SAM ViT) -> (B, N, C).
+        u: (B, N, C) site input (normalised for TinyViT), hw: the token grid (SAM ViT, Hiera)
+        -> (B, N', C'): N' = N and C' = C except at Hiera's stage transitions.
         """
         base = self.base
         b, n, _ = u.shape
@@ -162,17 +210,20 @@ class ExpertAttention(nn.Module):
             if expert is not None:  # q and v rows of qkv(u) + B A u
                 delta_q, delta_v = expert.deltas(u)  # (B, N, h*dq), (B, N, h*dv)
                 q, v = q0 + delta_q.to(q0.dtype), v0 + delta_v.to(v0.dtype)
-            q = q.view(b, n, heads, dq).transpose(1, 2)  # (B, h, N, dq)
+            q = self.pool_queries(q, hw)  # (B, N', h*dq): Hiera's stage transitions pool each variant
+            nq = q.shape[1]
+            q = q.view(b, nq, heads, dq).transpose(1, 2)  # (B, h, N', dq)
             v = v.view(b, n, heads, dv).transpose(1, 2)  # (B, h, N, dv)
-            logits = (q * base.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
+            logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N', N)
             logits = self.add_position_bias(logits, q, hw)
-            out = logits.softmax(dim=-1) @ v  # (B, h, N, dv)
-            variants.append(base.proj(out.transpose(1, 2).reshape(b, n, heads * dv)))  # (B, N, C)
-        return self.combine(torch.stack(variants), u)  # (B, N, C)
+            out = logits.softmax(dim=-1) @ v  # (B, h, N', dv)
+            variants.append(base.proj(out.transpose(1, 2).reshape(b, nq, heads * dv)))  # (B, N', C')
+        return self.combine(torch.stack(variants), u)  # (B, N', C')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) (SAM ViT) or (B, N, C) (TinyViT) -> the same shape."""
-        if self.layout == "sam_vit":
+        """(B, H, W, C) (SAM ViT) or (B, N, C) (TinyViT) -> the same shape; (B, H, W, C) ->
+        (B, H', W', C') (Hiera, see :meth:`out_grid`)."""
+        if self.layout != "tinyvit":
             b, hh, ww, c = x.shape
             u, hw = x.reshape(b, hh * ww, c), (hh, ww)  # (B, N, C)
         else:
@@ -184,7 +235,7 @@ class ExpertAttention(nn.Module):
             out = kernels.chunked_attention(self, u, hw)
         else:
             out = self.reference(u, hw)
-        return out.view(b, hh, ww, -1) if self.layout == "sam_vit" else out
+        return out.view(b, *self.out_grid(hw), -1) if self.layout != "tinyvit" else out
 
 
 @contextmanager

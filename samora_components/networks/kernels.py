@@ -11,7 +11,9 @@ shared, and the V = 1 + E attention outputs go through the output projection in 
   CPUs, where memory traffic rather than arithmetic limits the extra variants.
 
 ``site`` is the :class:`~samora_components.networks.expert_attention.ExpertAttention` being run;
-``u`` its input (B, N, C) and ``hw`` the token grid (SAM ViT; unused for TinyViT).
+``u`` its input (B, N, C) and ``hw`` the token grid (SAM ViT and Hiera; unused for TinyViT). At
+Hiera's stage transitions the queries are pooled (``site.pool_queries``) to N' tokens and the output
+is (B, N', C'); elsewhere N' = N and C' = C.
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ def rel_pos_channels(site: "ExpertAttention", q: torch.Tensor, hw: tuple[int, in
     return torch.cat([rel_h, rel_w], dim=-1), k_extra
 
 
-def _variants(site: "ExpertAttention", u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _variants(site: "ExpertAttention", u: torch.Tensor,
+              hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries and values of every variant, base first, and the shared keys:
-    q (V, B, h, N, dq), k (B, h, N, dq), v (V, B, h, N, dv)."""
+    q (V, B, h, N', dq) (pooled at Hiera's stage transitions, each variant after its update),
+    k (B, h, N, dq), v (V, B, h, N, dv)."""
     b, n, _ = u.shape
     heads, dq, dv = site.geometry
     nv = 1 + len(site.levels)
@@ -65,21 +69,22 @@ def _variants(site: "ExpertAttention", u: torch.Tensor) -> tuple[torch.Tensor, t
     bq, bv = bq.to(q0.dtype), bv.to(q0.dtype)  # einsum is not autocast: match the activations
     q = torch.cat([q0.unsqueeze(0), q0 + torch.einsum("bner,eor->ebno", zq, bq)])  # (V, B, N, h*dq)
     v = torch.cat([v0.unsqueeze(0), v0 + torch.einsum("bner,eor->ebno", zv, bv)])  # (V, B, N, h*dv)
-    q = q.view(nv, b, n, heads, dq).transpose(2, 3)
+    q = site.pool_queries(q.flatten(0, 1), hw).unflatten(0, (nv, b))  # (V, B, N', h*dq)
+    q = q.view(nv, b, q.shape[2], heads, dq).transpose(2, 3)
     v = v.view(nv, b, n, heads, dv).transpose(2, 3)
     k = k.reshape(b, n, heads, dq).transpose(1, 2)
     return q, k, v
 
 
 def fused_attention(site: "ExpertAttention", u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """All variants in one ``scaled_dot_product_attention`` call: u (B, N, C) -> (B, N, C)."""
+    """All variants in one ``scaled_dot_product_attention`` call: u (B, N, C) -> (B, N', C')."""
     base = site.base
     b, n, _ = u.shape
-    q, k, v = _variants(site, u)
-    nv, _, heads, _, dq = q.shape
+    q, k, v = _variants(site, u, hw)
+    nv, _, heads, nq, dq = q.shape
     dv = v.shape[-1]
-    q, v = q.reshape(nv * b, heads, n, dq), v.reshape(nv * b, heads, n, dv)
-    mask, scale = None, base.scale
+    q, v = q.reshape(nv * b, heads, nq, dq), v.reshape(nv * b, heads, n, dv)
+    mask, scale = None, site.scale
     if site.layout == "tinyvit":
         mask = site.learned_bias(q.dtype)  # (h, N, N)
     elif site.rel_pos:
@@ -90,8 +95,8 @@ def fused_attention(site: "ExpertAttention", u: torch.Tensor, hw: tuple[int, int
     k = k.unsqueeze(0).expand(nv, -1, -1, -1, -1).reshape(nv * b, heads, n, -1)
     if q.shape[-1] != dv:  # the fused kernels want equal q/k and v widths
         v = F.pad(v, (0, q.shape[-1] - dv))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :dv]  # (V*B, h, N, dv)
-    out = out.view(nv, b, heads, n, dv).transpose(2, 3).reshape(nv, b, n, heads * dv)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :dv]  # (V*B, h, N', dv)
+    out = out.view(nv, b, heads, nq, dv).transpose(2, 3).reshape(nv, b, nq, heads * dv)
     return site.combine(base.proj(out), u)
 
 
@@ -102,8 +107,12 @@ def chunked_attention(site: "ExpertAttention", u: torch.Tensor, hw: tuple[int, i
     An expert's queries differ from the base queries by a rank-r term, q_e = q_0 + z_e B_e^T, so its
     logits are the base logits (SAM's product, bias and softmax inputs) plus a rank-r product
     ``z_e (B_e^T k^T)`` and, for SAM's decomposed position bias, the bias of that low-rank term:
-    exact, and r/d of the cost of a full product per expert.
+    exact, and r/d of the cost of a full product per expert. That does not hold where Hiera pools
+    the queries (a max-pool of q_0 + z_e B_e^T is not q_0's pool plus a low-rank term): those sites
+    run :func:`_chunked_pooled`.
     """
+    if site.q_pool is not None:
+        return _chunked_pooled(site, u, hw)
     base = site.base
     b, n, c = u.shape
     heads, dq, dv = site.geometry
@@ -130,9 +139,9 @@ def chunked_attention(site: "ExpertAttention", u: torch.Tensor, hw: tuple[int, i
         m = q0[rows].shape[0]
         qh = q0[rows].reshape(m, n, heads, dq).transpose(1, 2)  # (m, h, N, dq)
         kh = k[rows].reshape(m, n, heads, dq).transpose(1, 2)
-        base_logits = site.add_position_bias((qh * base.scale) @ kh.transpose(-2, -1), qh, hw)  # (m, h, N, N)
+        base_logits = site.add_position_bias((qh * site.scale) @ kh.transpose(-2, -1), qh, hw)  # (m, h, N, N)
         # experts: (E, m, 1, N, r) @ (E, m, h, r, N) low-rank logit updates, added in place
-        g = torch.einsum("ehdr,mhnd->emhrn", bq_heads, kh) * base.scale
+        g = torch.einsum("ehdr,mhnd->emhrn", bq_heads, kh) * site.scale
         z = zq[rows].permute(2, 0, 1, 3).unsqueeze(2)
         if site.rel_pos:  # the position bias of the low-rank term as H + W extra channels of the same product
             zg = z.view(ne, m, hw[0], hw[1], rank)
@@ -154,3 +163,23 @@ def chunked_attention(site: "ExpertAttention", u: torch.Tensor, hw: tuple[int, i
     if attended is None:  # autograd: assemble instead of writing into a buffer
         attended = torch.cat(pieces, dim=1)
     return site.combine(base.proj(attended), u)
+
+
+def _chunked_pooled(site: "ExpertAttention", u: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """:func:`chunked_attention` at a site that pools its queries (Hiera's stage transitions): every
+    variant's pooled queries are formed in full, then attention runs a few images at a time with
+    the explicit product and softmax (no position term in Hiera): u (B, N, C) -> (B, N', C')."""
+    base = site.base
+    b, n, c = u.shape
+    q, k, v = _variants(site, u, hw)  # (V, B, h, N', dq), (B, h, N, dq), (V, B, h, N, dv)
+    nv, _, heads, nq, _ = q.shape
+    dv = v.shape[-1]
+    budget = CHUNK_BYTES_TRAINING if torch.is_grad_enabled() else CHUNK_BYTES
+    step = max(1, budget // (nv * (heads * nq * n + 4 * n * c) * 4))
+    pieces = []
+    for start in range(0, b, step):
+        rows = slice(start, start + step)
+        logits = (q[:, rows] * site.scale) @ k[rows].transpose(-2, -1)  # (V, m, h, N', N)
+        pieces.append(logits.softmax(dim=-1) @ v[:, rows])  # (V, m, h, N', dv)
+    out = torch.cat(pieces, dim=1).transpose(2, 3).reshape(nv, b, nq, heads * dv)
+    return site.combine(base.proj(out), u)

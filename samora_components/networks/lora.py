@@ -6,7 +6,9 @@ An *expert* is one LoRA per attention site of an encoder. Each site's update is
 
 with A (r, C) Kaiming-uniform (a = sqrt 5) and B (n, r) zeros, no scaling, so a fresh expert
 leaves the encoder unchanged. The rows of q and v inside the fused output depend on the layout the
-backbone declares: ``[q | k | v]`` for SAM's ViT, head-interleaved ``[q_h k_h v_h]`` for TinyViT.
+backbone declares: ``[q | k | v]`` for SAM's ViT and SAM2's Hiera, head-interleaved ``[q_h k_h v_h]``
+for TinyViT. C is the width of the site's input and n the number of q (or v) rows; they differ at
+Hiera's stage-transition blocks, whose qkv maps ``dim`` to ``3 * dim_out``.
 
 Experts are saved as safetensors files with their metadata (backbone, checkpoint hash, rank,
 targets, level, input size, data summary) so that they can be moved between tasks.
@@ -52,12 +54,17 @@ class QKVRows:
 
 
 #: how an attention module lays out its fused qkv output (declared by each backbone):
-#: ``sam_vit`` = ``[q | k | v]``, ``tinyvit`` = per head ``[q_h(kd) k_h(kd) v_h(d)]``
-ATTENTION_LAYOUTS = ("sam_vit", "tinyvit")
+#: ``sam_vit`` = ``[q | k | v]``, ``tinyvit`` = per head ``[q_h(kd) k_h(kd) v_h(d)]``,
+#: ``hiera`` = ``[q | k | v]`` of ``dim_out`` rows each (SAM2's ``MultiScaleAttention``)
+ATTENTION_LAYOUTS = ("sam_vit", "tinyvit", "hiera")
 
 
 def qkv_rows(attn: nn.Module, layout: str) -> QKVRows:
-    """Locate the q, k, v rows of ``attn.qkv`` for an attention module of the given layout."""
+    """Locate the q, k, v rows of ``attn.qkv`` for an attention module of the given layout.
+
+    ``sam_vit`` and ``hiera`` split the fused output into three equal head-major blocks (SAM2's
+    ``MultiScaleAttention`` reshapes it to (..., 3, heads, head_dim)); ``tinyvit`` interleaves the
+    three per head."""
     if layout not in ATTENTION_LAYOUTS:
         raise ValueError(f"attention layout must be one of {', '.join(ATTENTION_LAYOUTS)}, got {layout!r}")
     out = attn.qkv.out_features
@@ -70,7 +77,7 @@ def qkv_rows(attn: nn.Module, layout: str) -> QKVRows:
         k = (base + kd + torch.arange(kd)).flatten()
         v = (base + 2 * kd + torch.arange(d)).flatten()
         return QKVRows(q, k, v, heads, kd, d)
-    dim = out // 3  # SAM ViT: [q | k | v], each head-major
+    dim = out // 3  # SAM ViT and Hiera: [q | k | v], each head-major (Hiera: dim_out rows each)
     ar = torch.arange(dim)
     return QKVRows(ar, ar + dim, ar + 2 * dim, heads, dim // heads, dim // heads)
 

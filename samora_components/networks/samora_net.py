@@ -7,6 +7,17 @@
   fusion; only the fusion modules, their gates and the decoder train.
 * ``"frozen"``: no adaptation; only the decoder trains.
 
+``decoder`` chooses the prompt-free decoder:
+
+* ``"samed"``: SAMed's (:class:`~samora_components.networks.decoders.PromptFreeDecoder`), one logit map.
+* ``"hsam"``: H-SAM's two-stage hierarchical decoder
+  (:class:`~samora_components.networks.hsam.HierarchicalDecoder`) with its three parts switchable
+  (H-SAM table 4). ``method="samed", decoder="hsam"`` is the H-SAM baseline (SAMed's LoRA, no
+  experts); ``method="samora", decoder="hsam"`` is H-SAMora. In training mode it returns both stages
+  (:class:`~samora_components.networks.hsam.HSAMOutput`: stage 1 on its own grid, 4x the embedding,
+  for the stage-weighted loss of :mod:`samora_components.engines.losses`; stage 2 at the input size);
+  in eval mode the two stages' combination, one logit map at the input size like ``"samed"``.
+
 The network takes slices in [0, 1], (B, 1, H, W) (or 3 channels), resizes them to the model input,
 and returns class logits (B, C, H, W) at the input size. Its ``state_dict`` leaves out the frozen
 backbone weights, which come from the backbone's own checkpoint; checkpoints hold only what
@@ -16,7 +27,8 @@ training changed (adapters, fusion, decoder).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -27,14 +39,16 @@ from samora_components.networks.backbones import build_backbone, frozen_to_eval
 from samora_components.networks.decoders import PromptFreeDecoder
 from samora_components.networks.expert_attention import ExpertAttention
 from samora_components.networks.fusion import build_fusion
+from samora_components.networks.hsam import ENSEMBLES, HierarchicalDecoder, HSAMOutput
 from samora_components.networks.lora import LEVELS, LoRAExpert, attach_lora, load_expert
 from samora_components.networks.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SAMoraNet", "METHODS"]
+__all__ = ["SAMoraNet", "DECODERS", "METHODS"]
 
 METHODS = ("samed", "samora", "frozen")
+DECODERS = ("samed", "hsam")
 
 
 def _replace(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
@@ -44,6 +58,13 @@ def _replace(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
                 setattr(module, name, new)
                 return
     raise LookupError("module to replace not found")
+
+
+def _resize(logits: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Logits (B, C, h, w) -> (B, C, *size), bilinear (unchanged when already that size)."""
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return logits
 
 
 class SAMoraNet(nn.Module):
@@ -76,8 +97,20 @@ class SAMoraNet(nn.Module):
             ``self.precision`` holds the result.
         fit_windows: TinyViT backbones: attention windows fitted to the token grid (no padding;
             see :func:`samora_components.networks.backbones.fit_window`).
+        decoder: ``"samed"`` (default) or ``"hsam"`` (see the module docstring).
+        hsam_cmattn / hsam_mask_attention / hsam_pixel_decoder: H-SAM's three parts (its table 4):
+            class-balanced mask-guided self-attention, learnable mask cross-attention, hierarchical
+            pixel decoder; a part switched off falls back to SAM's plain counterpart.
+        hsam_cmattn_as_coded: the public H-SAM code's CMAttn (a softmax over one channel: a constant
+            gate) instead of the paper's (a sigmoid gate).
+        hsam_noise_std: CMAttn's class-balanced training noise (H-SAM eq. 1): the standard deviation
+            of the rarest class in the batch, or one per class; 0 = none.
+        hsam_ensemble: how eval mode combines the stages: ``"logits"`` (their mean, as the public
+            code) or ``"probabilities"`` (log of the mean softmax).
 
-    Shapes: (B, in_channels, H, W) -> (B, num_classes, H, W).
+    Shapes: (B, in_channels, H, W) -> (B, num_classes, H, W); ``decoder="hsam"`` in training mode:
+    :class:`~samora_components.networks.hsam.HSAMOutput` of (B, C, 4g, 4g) and (B, C, H, W), g the
+    embedding grid. ``labels`` (B, 1, H, W), optional, guide CMAttn's training noise.
     """
 
     def __init__(
@@ -101,11 +134,22 @@ class SAMoraNet(nn.Module):
         precision: str = "auto",
         attention_kernel: str = "auto",
         fit_windows: bool = False,
+        decoder: str = "samed",
+        hsam_cmattn: bool = True,
+        hsam_mask_attention: bool = True,
+        hsam_pixel_decoder: bool = True,
+        hsam_cmattn_as_coded: bool = False,
+        hsam_noise_std: float | Sequence[float] = 0.35,
+        hsam_ensemble: str = "logits",
     ) -> None:
         super().__init__()
         precision = resolve_precision(precision).precision
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; choose one of {DECODERS}")
+        if hsam_ensemble not in ENSEMBLES:
+            raise ValueError(f"unknown hsam_ensemble {hsam_ensemble!r}; choose one of {ENSEMBLES}")
         if in_channels not in (1, 3):
             raise ValueError("in_channels must be 1 or 3")
         bb = build_backbone(backbone, img_size, checkpoint, fit_windows)
@@ -115,6 +159,9 @@ class SAMoraNet(nn.Module):
             "num_classes": num_classes, "lora_rank": rank, "expert_levels": list(levels), "fusion": fusion,
             "fusion_order": fusion_order, "fusion_width": fusion_width, "fusion_heads": fusion_heads,
             "gate_init": float(gate_init), "fusion_norm": bool(fusion_norm), "fit_windows": bool(fit_windows),
+            "decoder": decoder, "hsam_cmattn": bool(hsam_cmattn), "hsam_mask_attention": bool(hsam_mask_attention),
+            "hsam_pixel_decoder": bool(hsam_pixel_decoder), "hsam_cmattn_as_coded": bool(hsam_cmattn_as_coded),
+            "hsam_ensemble": hsam_ensemble,
         }
         self.fit_windows = bool(fit_windows)
         self.backbone_name = bb.name
@@ -122,6 +169,7 @@ class SAMoraNet(nn.Module):
         self.attention_layout = bb.attention_layout
         self.img_size = bb.img_size
         self.method = method
+        self.decoder_name = decoder
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.precision = precision
@@ -140,7 +188,8 @@ class SAMoraNet(nn.Module):
                 raise ValueError("experts trained from scratch need gate_init != 0: with the gate at 0 and LoRA B at 0 "
                                  "neither gets a gradient (the authors' code starts the gate at 1)")
             for attn in bb.attention_sites():
-                fuse = build_fusion(fusion, attn.qkv.in_features, levels, fusion_order, fusion_width, fusion_heads)
+                # the fusion works on the site's output width (Hiera's stage transitions widen the tokens)
+                fuse = build_fusion(fusion, attn.proj.out_features, levels, fusion_order, fusion_width, fusion_heads)
                 site = ExpertAttention(attn, bb.attention_layout, levels, fuse, rank, attention_kernel, gate_init, fusion_norm)
                 _replace(self.encoder, attn, site)
                 self.sites.append(site)
@@ -154,11 +203,18 @@ class SAMoraNet(nn.Module):
                     if isinstance(table, nn.Parameter):
                         table.data = table.data.to(torch.bfloat16)
         cfg = bb.config
-        self.decoder = PromptFreeDecoder(
-            num_classes, cfg.out_chans, bb.prompt_encoder, cfg.decoder_depth, cfg.decoder_mlp_dim,
-            cfg.decoder_heads, bb.decoder_weights,
-        )
-        base_keys |= {f"decoder.prompt.{k}" for k in bb.prompt_encoder.state_dict()}
+        geometry = (num_classes, cfg.out_chans, bb.prompt_encoder, cfg.decoder_depth, cfg.decoder_mlp_dim,
+                    cfg.decoder_heads, bb.decoder_weights)
+        if decoder == "samed":
+            self.decoder: PromptFreeDecoder | HierarchicalDecoder = PromptFreeDecoder(*geometry)
+        else:
+            self.decoder = HierarchicalDecoder(
+                *geometry, upscale_steps=self._upscale_steps(bb.img_size, bb.grid), cmattn=hsam_cmattn,
+                mask_cross_attention=hsam_mask_attention, hierarchical_pixel_decoder=hsam_pixel_decoder,
+                cmattn_as_coded=hsam_cmattn_as_coded, noise_std=hsam_noise_std, ensemble=hsam_ensemble,
+            )
+        prompt_path = next(name for name, m in self.decoder.named_modules() if m is bb.prompt_encoder)
+        base_keys |= {f"decoder.{prompt_path}.{k}" for k in bb.prompt_encoder.state_dict()}
         self._base_keys = frozenset(base_keys)
         self.experts_meta: dict[str, dict] = {}
         if method == "samora":
@@ -171,6 +227,13 @@ class SAMoraNet(nn.Module):
         self._register_state_dict_hook(SAMoraNet._drop_base_keys)
         self._register_load_state_dict_pre_hook(SAMoraNet._drop_retired_keys)
         self.register_load_state_dict_post_hook(SAMoraNet._ignore_missing_base)
+
+    @staticmethod
+    def _upscale_steps(img_size: int, grid: int) -> int:
+        """Doublings after SAM's 4x upscaling that bring the H-SAM stage-2 map to the model input
+        (2 for SAM ViTs: 4g = S/4; 0 for LiteMedSAM: 4g = S); a remainder is left to the final resize."""
+        ratio = img_size / (4 * grid)
+        return max(0, int(math.floor(math.log2(ratio) + 1e-9))) if ratio >= 1 else 0
 
     # -- state dict: only what training changes ---------------------------------------------------
     @staticmethod
@@ -194,7 +257,10 @@ class SAMoraNet(nn.Module):
         "backbone_checkpoint": "checkpoint", "method": "method", "lora_rank": "rank", "expert_levels": "levels",
         "scratch_levels": "scratch_levels", "gate_init": "gate_init", "fusion_norm": "fusion_norm",
         "fusion": "fusion", "fusion_order": "fusion_order", "fusion_width": "fusion_width",
-        "fusion_heads": "fusion_heads", "fit_windows": "fit_windows",
+        "fusion_heads": "fusion_heads", "fit_windows": "fit_windows", "decoder": "decoder",
+        "hsam_cmattn": "hsam_cmattn", "hsam_mask_attention": "hsam_mask_attention",
+        "hsam_pixel_decoder": "hsam_pixel_decoder", "hsam_cmattn_as_coded": "hsam_cmattn_as_coded",
+        "hsam_ensemble": "hsam_ensemble",
     }
 
     @classmethod
@@ -252,23 +318,30 @@ class SAMoraNet(nn.Module):
         self.decoder.prompt.train(False)
         return self
 
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Slices (B, in_channels, H, W) in [0, 1] -> model input (B, 3, S, S) (the backbone's resize)."""
+        return self._bb.prepare(x)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Model-size RGB slices (B, 3, S, S) -> image embedding (B, E, g, g)."""
         with torch.no_grad():
             h = self._bb.stem(x)
         return self._bb.trunk(h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | HSAMOutput:
+        """Slices (B, in_channels, H, W) -> logits (B, C, H, W), or both H-SAM stages in training mode
+        (see the class docstring). ``labels`` (B, 1, H, W) reach H-SAM's CMAttn noise only; the
+        SAMed decoder ignores them."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         size = tuple(x.shape[-2:])
-        x = self._bb.prepare(x)
+        x = self.prepare(x)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            logits = self.decoder(self.embed(x))
-        logits = logits.float()
-        if tuple(logits.shape[-2:]) != size:
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits
+            embedding = self.embed(x)
+            out = self.decoder(embedding) if self.decoder_name == "samed" else self.decoder(embedding, labels)
+        if isinstance(out, HSAMOutput):  # training: stage 1 stays on its grid (supervised there, H-SAM §3.4)
+            return HSAMOutput(out.stage1.float(), _resize(out.stage2.float(), size))
+        return _resize(out.float(), size)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
