@@ -22,19 +22,29 @@ skipped. Both models run in inference mode on the same input.
 datalist section with a trained bundle twice, in float32 and with bfloat16 autocast, and prints the
 fraction of voxels whose label (the argmax) is the same, overall and among voxels that either run
 labels foreground.
+
+``python -m samora_components bench-engines --bundle B --input FOLDER [--engines eager,torchscript,
+onnxruntime,openvino,compile] [--precision fp32]`` segments every volume of FOLDER with each engine
+(the engines alternate volume by volume) and prints, per engine, the seconds per volume (median),
+the time to get ready (export and compilation included) and the fraction of voxels labelled as by
+``eager`` in the same precision.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from samora_components.bundle.inference import BundlePredictor
+from samora_components.bundle.cards import check_weights, model_card_path
+from samora_components.bundle.export import export_model
+from samora_components.bundle.inference import BundlePredictor, find_volumes
 from samora_components.data.datasets import read_datalist
 from samora_components.data.io import volume_stem
 from samora_components.networks.precision import cpu_summary, resolve_precision
@@ -175,3 +185,58 @@ def precision_agreement(bundle: str, datalist: str, section: str = "test", weigh
         "foreground_agreement": fg_same / fg_total if fg_total else 1.0, "per_case": per_case,
     }
 
+
+#: engine -> the export format it runs (None: none needed)
+_ENGINE_FORMAT = {"eager": None, "compile": None, "torchscript": "torchscript", "onnxruntime": "onnx", "openvino": "onnx"}
+
+
+def engine_comparison(bundle: str, input: str, engines: str | tuple = ("eager", "torchscript", "onnxruntime", "openvino"),
+                      weights: str | None = None, precision: str = "fp32", limit: int | None = None) -> dict:
+    """Each engine on every volume of ``input`` (a file or folder), against ``eager``.
+
+    The weights and their card are copied to a temporary folder, where the exported models are
+    written. Returns ``{"cpu", "precision", "volumes", "voxels", "engines": {engine: {"ready_s",
+    "s_per_volume", "s_per_volume_all", "agreement", "min_agreement"}}}``; ``agreement`` is the
+    fraction of all voxels labelled as by eager, ``min_agreement`` the lowest per volume.
+    """
+    engines = tuple(e.strip() for e in engines.split(",")) if isinstance(engines, str) else tuple(engines)
+    unknown = [e for e in engines if e not in _ENGINE_FORMAT]
+    if unknown:
+        raise ValueError(f"unknown engine(s) {unknown}; choose among {', '.join(_ENGINE_FORMAT)}")
+    engines = ("eager",) + tuple(e for e in engines if e != "eager")
+    sources = find_volumes(input)[: limit or None]
+    weights = check_weights(weights or Path(bundle) / "models" / "model.pt")
+    with tempfile.TemporaryDirectory(prefix="samora-engines-") as tmp:
+        local = Path(tmp) / "model.pt"
+        shutil.copy(weights, local)
+        shutil.copy(model_card_path(weights), model_card_path(local))
+        runs, ready = {}, {}
+        for engine in engines:
+            started = time.perf_counter()
+            torch.manual_seed(0)  # identical networks even where frozen weights are random (test backbones)
+            fmt = _ENGINE_FORMAT[engine]
+            if fmt and not local.with_suffix(".onnx" if fmt == "onnx" else ".ts").is_file():
+                export_model(local, fmt, batch=8)
+            runs[engine] = BundlePredictor.from_bundle(bundle, str(local), precision=precision, engine=engine)
+            ready[engine] = time.perf_counter() - started
+        seconds = {e: [] for e in engines}
+        same = {e: 0 for e in engines}
+        worst = {e: 1.0 for e in engines}
+        total = 0
+        for source in sources:
+            labels = {}
+            for engine in engines:
+                started = time.perf_counter()
+                labels[engine] = runs[engine](str(source))
+                seconds[engine].append(time.perf_counter() - started)
+            total += labels["eager"].size
+            for engine in engines:
+                agree = labels[engine] == labels["eager"]
+                same[engine] += int(agree.sum())
+                worst[engine] = min(worst[engine], float(agree.mean()))
+    return {
+        "cpu": cpu_summary(), "precision": precision, "volumes": len(sources), "voxels": total,
+        "engines": {e: {"ready_s": round(ready[e], 2), "s_per_volume": round(statistics.median(seconds[e]), 3),
+                        "s_per_volume_all": [round(t, 3) for t in seconds[e]],
+                        "agreement": same[e] / total, "min_agreement": worst[e]} for e in engines},
+    }

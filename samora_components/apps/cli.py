@@ -9,7 +9,8 @@ Commands:
   infer     segment NIfTI/MetaImage/h5 volumes with a bundle's inference config
   bench     SAMed vs SAMora latency, FLOPs and parameters as one JSON line
   bench-precision  label agreement of a trained bundle in bf16 vs fp32 on a datalist section (JSON)
-  export    store trained weights with fp16 tensors (half the size) beside their model card
+  bench-engines    seconds per volume and label agreement of each inference engine (JSON)
+  export    store trained weights with fp16 tensors beside their model card, or as ONNX / TorchScript
   demo      the whole quick pipeline on the phantom (what ``make demo`` runs)
 
 ``python -m samora_components <command> --help`` lists a command's options.
@@ -24,7 +25,7 @@ import sys
 import fire
 
 from samora_components.apps import bench, demo
-from samora_components.bundle import cards, inference, workflow
+from samora_components.bundle import cards, export, inference, workflow
 from samora_components.data import datalists, phantom
 from samora_components.metrics import reports
 from samora_components.utils import first_line, keep_freed_memory, user_error
@@ -44,11 +45,14 @@ def _evaluate(pred: str, label: str, protocol: str = "transunet", out: str = "ev
 
 
 def _infer(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int | None = None,
-           precision: str | None = None) -> None:
+           precision: str | None = None, engine: str = "auto") -> None:
     """Segment INPUT (file or folder) with BUNDLE; write label volumes to OUTPUT. --precision auto
     (default: bf16 only on hardware with native bf16, else fp32) | fp32 | bf16; --batch N slices per
-    forward pass (default: the bundle's inference.yaml, 8)."""
-    inference.main(bundle=bundle, input=input, output=output, weights=weights, overwrite=overwrite, batch=batch, precision=precision)
+    forward pass (default: the bundle's inference.yaml); --engine auto (default: OpenVINO where
+    installed, its model exported once into ~/.cache/samora, else PyTorch) | eager | compile |
+    torchscript | onnxruntime | openvino (the last three need `export --format` first)."""
+    inference.main(bundle=bundle, input=input, output=output, weights=weights, overwrite=overwrite, batch=batch,
+                   precision=precision, engine=engine)
 
 
 def _train(bundle: str = "bundles/samora_ct", quick: bool = False, profile: str | None = None, **overrides) -> None:
@@ -87,9 +91,21 @@ def _bench_precision(bundle: str, datalist: str, section: str = "test", weights:
     print(json.dumps(bench.precision_agreement(bundle, datalist, section, weights)))
 
 
-def _export(weights: str, out: str | None = None, dtype: str = "fp16") -> None:
-    """Store trained WEIGHTS (and their model card) with half-precision tensors, e.g. to ship them."""
-    cards.export_weights(weights, out, dtype)
+def _bench_engines(bundle: str, input: str, engines: str = "eager,torchscript,onnxruntime,openvino", weights: str | None = None,
+                   precision: str = "fp32", limit: int | None = None) -> None:
+    """Segment INPUT (file or folder) with each engine of BUNDLE's model; print seconds per volume and
+    label agreement with eager as JSON (--engines also takes compile)."""
+    print(json.dumps(bench.engine_comparison(bundle, input, engines, weights, precision, limit)))
+
+
+def _export(weights: str, out: str | None = None, dtype: str = "fp16", format: str = "weights") -> None:
+    """--format weights (default): store trained WEIGHTS (and their model card) with half-precision
+    tensors, e.g. to ship them. --format onnx | torchscript: write the fp32 model beside WEIGHTS
+    (model.onnx / model.ts, or OUT) for `infer --engine onnxruntime|openvino|torchscript`."""
+    if format == "weights":
+        print(f"wrote {cards.export_weights(weights, out, dtype)}")
+    else:
+        print(f"wrote {export.export_model(weights, format, out)}")
 
 
 def _demo(out: str = "demo_out", quick: bool = True) -> None:
@@ -106,6 +122,7 @@ COMMANDS = {
     "infer": _infer,
     "bench": _bench,
     "bench-precision": _bench_precision,
+    "bench-engines": _bench_engines,
     "export": _export,
     "demo": _demo,
 }

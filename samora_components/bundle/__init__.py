@@ -1,5 +1,5 @@
 """Bundles: running configs with profiles, model cards, volume inference."""
 
-from . import cards, evaluator, inference, inferers, workflow
+from . import cards, evaluator, export, inference, inferers, workflow
 
-__all__ = ["cards", "evaluator", "inference", "inferers", "workflow"]
+__all__ = ["cards", "evaluator", "export", "inference", "inferers", "workflow"]

@@ -23,6 +23,7 @@ from monai.utils import ImageMetaKey
 from tqdm import tqdm
 
 from samora_components.bundle.cards import apply_card, check_weights, read_model_card
+from samora_components.bundle.export import ENGINES, build_engine
 from samora_components.data.io import (
     VOLUME_SUFFIXES,
     Volume,
@@ -52,9 +53,10 @@ class BundlePredictor:
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, weights: str | None = None, batch: int | None = None,
-                    precision: str | None = None) -> "BundlePredictor":
+                    precision: str | None = None, engine: str = "eager") -> "BundlePredictor":
         """Parse ``bundle/configs/inference.yaml`` and load ``weights`` (default ``models/model.pt``);
-        ``precision`` ("auto", "fp32" or "bf16") overrides the config's ``auto``."""
+        ``precision`` ("auto", "fp32" or "bf16") overrides the config's ``auto``; ``engine`` runs the
+        network (:data:`samora_components.bundle.export.ENGINES`)."""
         keep_freed_memory()  # per-batch buffers reused (see utils); the CLI asks too, MONAI Label does not
         bundle = Path(bundle)
         config = bundle / "configs" / "inference.yaml"
@@ -74,6 +76,8 @@ class BundlePredictor:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         network.load_state_dict(state, strict=True)
         network.eval()
+        if engine != "eager":
+            network = build_engine(network, engine, weights, int(parser.get_parsed_content("inferer#sw_batch_size")))
         return cls(
             network=network,
             preprocessing=parser.get_parsed_content("preprocessing"),
@@ -89,12 +93,12 @@ class BundlePredictor:
         transforms = getattr(self.preprocessing, "transforms", ())
         if volume is not None and transforms and isinstance(transforms[0], LoadImaged):
             meta = {**volume_meta(volume), ImageMetaKey.FILENAME_OR_OBJ: str(path)}
-            image = MetaTensor(np.asarray(volume.array, dtype=np.float32), meta=meta)
-            data = self.preprocessing({"image": image}, start=1)  # what LoadImaged would have given
+            # no local reference to the float32 copy: each preprocessing step frees its input (big volumes)
+            data = self.preprocessing({"image": MetaTensor(np.asarray(volume.array, dtype=np.float32), meta=meta)},
+                                      start=1)  # what LoadImaged would have given
         else:
             data = self.preprocessing({"image": path})
-        image = data["image"]
-        data["pred"] = self.inferer(image.unsqueeze(0).to(self.device), self.network)[0].cpu()
+        data["pred"] = self.inferer(data["image"].unsqueeze(0).to(self.device), self.network)[0].cpu()
         data = self.postprocessing(data)
         return np.asarray(data["pred"].detach().cpu().numpy()[0], dtype=np.uint8)
 
@@ -151,13 +155,15 @@ def predict_file(predictor: BundlePredictor, source: Path, target: Path) -> np.n
 
 
 def main(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int | None = None,
-         precision: str | None = None) -> None:
+         precision: str | None = None, engine: str = "auto") -> None:
     """CLI: segment a file or folder; one error line per bad input, non-zero exit if any failed (the
     CLI reports errors that stop the whole run, such as a missing bundle, in one line)."""
     sources = find_volumes(input)
     if precision is not None:
         check_precision(precision)
-    predictor = BundlePredictor.from_bundle(bundle, weights, batch, precision)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    predictor = BundlePredictor.from_bundle(bundle, weights, batch, precision, engine)
     out_dir = Path(output)
     failed, written, skipped = 0, [], 0
     for source in tqdm(sources, desc="volumes", unit="vol", disable=len(sources) < 2):

@@ -1,0 +1,268 @@
+"""Exported models and the engines that run them (``export --format``, ``infer --engine``).
+
+What is exported is the network's *core*, the part between the two resizes: model-size RGB
+slices (B, 3, S, S) -> low-resolution class logits (B, C, s, s), in float32. B is fixed at export
+(the encoders' reshapes bake it into the graph): :class:`EngineNet` runs other batch sizes in
+pieces of B, the last one padded. Turning slices into model input and the logits back to the slice size stays in PyTorch
+(:class:`EngineNet`), so every engine computes the same function and labels differ only by the
+engines' arithmetic (``docs/results.md`` measures how much).
+
+Engines (:data:`ENGINES`):
+
+* ``eager``: the network itself, in its precision (bf16 autocast where the CPU has it natively).
+* ``compile``: ``torch.compile`` (inductor) of the core; compiles on the first batch (minutes).
+* ``torchscript``: a traced, frozen core, ``<weights>.ts`` (``export --format torchscript``).
+* ``onnxruntime``: ``<weights>.onnx`` (``export --format onnx``) on ONNX Runtime's CPU provider.
+* ``openvino``: the same ONNX file compiled by OpenVINO for the CPU, in f32 (bf16 only where the
+  network's precision resolved to bf16).
+* ``auto``: OpenVINO where it is installed (the fastest in ``docs/results.md``), else eager. Its
+  ONNX file is ``<weights>.onnx`` when that exists, else one exported once into the cache folder
+  (``$SAMORA_CACHE``, default ``~/.cache/samora``), keyed by the weights' SHA-256. A model that does
+  not export falls back to eager with a warning.
+
+Every exported file records the SHA-256 of the weights it came from; a file made from other
+weights is refused with the command that remakes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samora_components.bundle.cards import check_weights, read_model_card
+from samora_components.networks.backbones import file_sha256
+from samora_components.networks.samora_net import SAMoraNet
+from samora_components.utils import atomic_path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ENGINES", "FORMATS", "EngineNet", "ModelCore", "build_engine", "export_model", "exported_path"]
+
+ENGINES = ("auto", "eager", "compile", "torchscript", "onnxruntime", "openvino")
+#: export format -> file suffix (beside the weights)
+FORMATS = {"onnx": ".onnx", "torchscript": ".ts"}
+_META_KEY = "samora"
+_OPSET = 17
+
+
+class ModelCore(nn.Module):
+    """The network between its two resizes: model input (B, 3, S, S) -> logits (B, C, s, s), float32."""
+
+    def __init__(self, net: SAMoraNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.decoder(self.net.embed(x)).float()
+
+
+class EngineNet(nn.Module):
+    """``net``'s forward with its core computed by ``run`` (another engine), which takes batches of
+    exactly ``batch`` slices (``None``: any).
+
+    Shapes: slices (B, in_channels, H, W) -> logits (B, C, H, W), as :class:`SAMoraNet`.
+    """
+
+    def __init__(self, net: SAMoraNet, run: Callable[[torch.Tensor], torch.Tensor], engine: str,
+                 batch: int | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.run = run
+        self.engine = engine
+        self.batch = batch
+
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input (B, 3, S, S) -> logits (B, C, s, s), in pieces of ``batch``."""
+        if self.batch is None or x.shape[0] == self.batch:
+            return self.run(x).float()
+        pieces = []
+        for start in range(0, x.shape[0], self.batch):
+            piece = x[start : start + self.batch]
+            n = piece.shape[0]
+            if n < self.batch:
+                piece = torch.cat([piece, piece.new_zeros((self.batch - n, *piece.shape[1:]))])
+            pieces.append(self.run(piece.contiguous()).float()[:n])
+        return torch.cat(pieces)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.net.in_channels:
+            raise ValueError(f"expected input (B, {self.net.in_channels}, H, W), got {tuple(x.shape)}")
+        size = tuple(x.shape[-2:])
+        logits = self.core(self.net.prepare(x).contiguous())
+        if tuple(logits.shape[-2:]) != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
+
+
+def exported_path(weights: str | Path, fmt: str) -> Path:
+    """Where ``export --format fmt`` puts the model of ``weights``: beside it, ``model.onnx`` / ``model.ts``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return Path(weights).with_suffix(FORMATS[fmt])
+
+
+def _fp32_network(weights: Path) -> SAMoraNet:
+    net = SAMoraNet.from_card(read_model_card(weights), precision="fp32")
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    return net.eval()
+
+
+def _write(core: ModelCore, fmt: str, target: Path, meta: dict, batch: int) -> None:
+    example = torch.rand(batch, 3, core.net.img_size, core.net.img_size)
+    with atomic_path(target) as tmp, torch.no_grad():
+        if fmt == "onnx":
+            import onnx  # optional dependency: only export needs it
+
+            torch.onnx.export(core, (example,), str(tmp), dynamo=False, opset_version=_OPSET,
+                              input_names=["slices"], output_names=["logits"],
+                              dynamic_axes={"slices": {0: "batch"}, "logits": {0: "batch"}})
+            model = onnx.load(str(tmp))
+            entry = model.metadata_props.add()
+            entry.key, entry.value = _META_KEY, json.dumps(meta)
+            onnx.save(model, str(tmp))
+        else:
+            traced = torch.jit.freeze(torch.jit.trace(core, example, check_trace=False))
+            torch.jit.save(traced, str(tmp), _extra_files={f"{_META_KEY}.json": json.dumps(meta)})
+
+
+def export_model(weights: str | Path, fmt: str = "onnx", out: str | Path | None = None, batch: int = 8,
+                 net: SAMoraNet | None = None) -> Path:
+    """Write the fp32 core of trained ``weights`` (its model card beside it) as ONNX or TorchScript.
+
+    ``out``: the file to write (default :func:`exported_path`); ``batch``: slices per call (best
+    equal to the inferer's ``sw_batch_size``). Returns its path. The write is atomic; the file
+    records the weights' SHA-256 and the batch. ``net``: the network of ``weights`` already built
+    (used when it computes in fp32; otherwise an fp32 copy is built from the model card).
+    """
+    if int(batch) < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    weights = check_weights(weights)
+    target = Path(out) if out else exported_path(weights, fmt)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if net is None or net.precision != "fp32":
+        net = _fp32_network(weights)
+    meta = {"weights_sha256": file_sha256(weights), "img_size": net.img_size, "num_classes": net.num_classes,
+            "batch": int(batch), "torch": torch.__version__}
+    _write(ModelCore(net).eval(), fmt, target, meta, batch)
+    return target
+
+
+def _check_meta(meta: dict, weights: Path, path: Path, fmt: str) -> int:
+    """The exported batch, once the file is known to come from ``weights``."""
+    if meta.get("weights_sha256") != file_sha256(weights):
+        raise ValueError(f"{path} was exported from other weights than {weights}; run `python -m samora_components "
+                         f"export --weights {weights} --format {fmt}` again")
+    return int(meta.get("batch", 8))
+
+
+def _onnx_meta(path: Path) -> dict:
+    import onnx  # optional dependency
+
+    model = onnx.load(str(path), load_external_data=False)
+    found = {p.key: p.value for p in model.metadata_props}
+    return json.loads(found.get(_META_KEY, "{}"))
+
+
+def _cached_onnx(weights: Path, batch: int, net: SAMoraNet) -> tuple[Path, int]:
+    """``<weights>.onnx`` if it exists and fits, else the cached export of these weights (made once),
+    with its batch."""
+    beside = exported_path(weights, "onnx")
+    if beside.is_file():
+        return beside, _check_meta(_onnx_meta(beside), weights, beside, "onnx")
+    cache = Path(os.environ.get("SAMORA_CACHE", Path.home() / ".cache" / "samora"))
+    target = cache / f"{file_sha256(weights)[:16]}-b{batch}-torch{torch.__version__.split('+')[0]}.onnx"
+    if not target.is_file():
+        started = time.perf_counter()
+        print(f"exporting the model for OpenVINO (once; cached in {cache})", file=sys.stderr, flush=True)
+        export_model(weights, "onnx", target, batch, net)
+        logger.info("exported %s in %.0f s", target, time.perf_counter() - started)
+    return target, batch
+
+
+def _onnxruntime(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnxruntime as ort  # optional dependency
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"slices": x.numpy()})[0])
+
+
+def _openvino(path: Path, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    import openvino as ov  # optional dependency
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+    })
+    request = compiled.create_infer_request()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        request.infer({0: np.ascontiguousarray(x.numpy())})
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    return run
+
+
+def _compiled(net: SAMoraNet) -> Callable[[torch.Tensor], torch.Tensor]:
+    core = torch.compile(ModelCore(net).eval(), dynamic=False)
+    bf16 = net.precision == "bf16"
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return core(x)
+
+    return run
+
+
+def _installed(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def build_engine(net: SAMoraNet, engine: str, weights: str | Path, batch: int = 8) -> nn.Module:
+    """``net`` (weights loaded, eval mode) run by ``engine`` (:data:`ENGINES`); ``weights``: the file
+    they came from, beside which the exported models are looked for; ``batch``: the slices per call
+    the caller will use (what ``auto`` exports for)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    weights = Path(weights)
+    if engine == "eager" or (engine == "auto" and not _installed("openvino")):
+        return net
+    if engine == "compile":  # one batch shape (the last batch padded), so it compiles once
+        return EngineNet(net, _compiled(net), engine, batch)
+    if engine == "auto":
+        try:
+            path, exported = _cached_onnx(weights, batch, net)
+            return EngineNet(net, _openvino(path, net.precision), "openvino", exported)
+        except Exception as err:  # noqa: BLE001 - any export/compile failure: eager still works
+            logger.warning("OpenVINO is not usable for this model (%s); running PyTorch eager", str(err).splitlines()[0])
+            return net
+    fmt = "torchscript" if engine == "torchscript" else "onnx"
+    path = exported_path(weights, fmt)
+    if not path.is_file():
+        raise FileNotFoundError(f"engine {engine} needs {path}: run `python -m samora_components export --weights "
+                                f"{weights} --format {fmt}` first")
+    if engine == "torchscript":
+        extra = {f"{_META_KEY}.json": ""}
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        exported = _check_meta(json.loads(extra[f"{_META_KEY}.json"] or "{}"), weights, path, fmt)
+        return EngineNet(net, module, engine, exported)
+    exported = _check_meta(_onnx_meta(path), weights, path, fmt)
+    run = _onnxruntime(path) if engine == "onnxruntime" else _openvino(path, net.precision)
+    return EngineNet(net, run, engine, exported)

@@ -1,0 +1,150 @@
+"""export --format onnx|torchscript and infer --engine: same labels as eager, stale files refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from samora_components.apps.cli import main as cli
+from samora_components.bundle import export
+from samora_components.bundle.inference import BundlePredictor
+from samora_components.networks.samora_net import SAMoraNet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """The MR bundle's configs with a small random SAMora-free model (tiny TinyViT, 2 classes)."""
+    root = tmp_path_factory.mktemp("export") / "samora_mr"
+    shutil.copytree(REPO / "bundles" / "samora_mr" / "configs", root / "configs")
+    (root / "models").mkdir()
+    card = {"method": "samed", "backbone": "tiny_tinyvit", "backbone_checkpoint": "", "img_size": 64, "num_classes": 2}
+    torch.manual_seed(0)
+    net = SAMoraNet(2, backbone="tiny_tinyvit", img_size=64, checkpoint="", method="samed")
+    with torch.no_grad():  # predictions that depend on the image
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(net.state_dict(), root / "models" / "model.pt")
+    (root / "models" / "model.json").write_text(json.dumps(card))
+    return root
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in (48, 40, 10)], indexing="ij")
+    image = 100.0 * ((x / 0.5) ** 2 + (y / 0.4) ** 2 + (z / 0.9) ** 2 < 1) + 10 * rng.standard_normal(x.shape)
+    path = tmp_path_factory.mktemp("scan") / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.float32), np.diag([1.2, 1.2, 2.5, 1.0])), str(path))
+    return path
+
+
+def _seeded(build, *args, **kwargs):
+    """The tiny backbone is random and not in the weights: every build draws it from the same seed."""
+    torch.manual_seed(0)
+    return build(*args, **kwargs)
+
+
+def _labels(bundle: Path, scan: Path, engine: str) -> np.ndarray:
+    predictor = _seeded(BundlePredictor.from_bundle, bundle, precision="fp32", engine=engine)
+    return predictor(str(scan))
+
+
+@pytest.mark.parametrize("fmt, engine, module", [
+    ("onnx", "onnxruntime", "onnxruntime"), ("onnx", "openvino", "openvino"), ("torchscript", "torchscript", "torch"),
+])
+def test_exported_engines_give_the_eager_labels(bundle, scan, fmt, engine, module):
+    pytest.importorskip(module)
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+    weights = bundle / "models" / "model.pt"
+    path = _seeded(export.export_model, weights, fmt)
+    assert path == weights.with_suffix(".onnx" if fmt == "onnx" else ".ts") and path.is_file()
+    eager = _labels(bundle, scan, "eager")
+    other = _labels(bundle, scan, engine)
+    assert eager.shape == other.shape == (48, 40, 10)
+    assert 0 < int(eager.sum()) < eager.size  # both classes present: the comparison means something
+    assert float((eager == other).mean()) >= 0.999
+
+
+def test_the_core_outputs_agree_to_float_precision(bundle):
+    pytest.importorskip("onnxruntime")
+    weights = bundle / "models" / "model.pt"
+    _seeded(export.export_model, weights, "onnx")
+    net = _seeded(BundlePredictor.from_bundle, bundle, precision="fp32").network
+    run = export.build_engine(net, "onnxruntime", weights)
+    x = torch.rand(3, 1, 50, 50)
+    with torch.no_grad():
+        assert torch.allclose(run(x), net(x), atol=1e-4)
+        assert run(x).shape == (3, 2, 50, 50)
+
+
+def test_a_stale_or_missing_export_is_refused_with_the_command_that_remakes_it(bundle, tmp_path):
+    pytest.importorskip("onnxruntime")
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    weights = copy / "models" / "model.pt"
+    weights.with_suffix(".onnx").unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match="export --weights .* --format onnx"):
+        BundlePredictor.from_bundle(copy, engine="onnxruntime")
+    export.export_model(weights, "onnx")
+    state = torch.load(weights, weights_only=True)
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, weights)  # the weights change after the export
+    with pytest.raises(ValueError, match="exported from other weights"):
+        BundlePredictor.from_bundle(copy, engine="onnxruntime")
+
+
+def test_auto_exports_once_into_the_cache_and_falls_back_to_eager(bundle, scan, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnx")
+    monkeypatch.setenv("SAMORA_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    (copy / "models" / "model.onnx").unlink(missing_ok=True)
+    predictor = _seeded(BundlePredictor.from_bundle, copy, precision="fp32", engine="auto")
+    assert isinstance(predictor.network, export.EngineNet) and predictor.network.engine == "openvino"
+    cached = list((tmp_path / "cache").glob("*.onnx"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    BundlePredictor.from_bundle(copy, precision="fp32", engine="auto")
+    assert cached[0].stat().st_mtime_ns == stamp  # not exported again
+    assert float((predictor(str(scan)) == _labels(copy, scan, "eager")).mean()) >= 0.999
+
+    monkeypatch.setattr(export, "_installed", lambda module: False)
+    assert isinstance(BundlePredictor.from_bundle(copy, engine="auto").network, SAMoraNet)
+
+
+def test_cli_export_and_engine_errors(bundle, scan, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    weights = bundle / "models" / "model.pt"
+    cli(["export", "--weights", str(weights), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "m.onnx").is_file()
+    with pytest.raises(SystemExit) as err:
+        cli(["infer", "--bundle", str(bundle), "--input", str(scan), "--output", str(tmp_path / "o"), "--engine", "tensorrt"])
+    assert err.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: unknown engine 'tensorrt'") and "\n" not in line
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        cli(["export", "--weights", str(weights), "--format", "tflite"])
+    assert "unknown export format" in capsys.readouterr().err
+
+
+def test_bench_engines_reports_time_and_agreement_per_engine(bundle, scan, capsys):
+    pytest.importorskip("onnxruntime")
+    cli(["bench-engines", "--bundle", str(bundle), "--input", str(scan), "--engines", "onnxruntime,torchscript"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["volumes"] == 1 and report["voxels"] == 48 * 40 * 10 and report["precision"] == "fp32"
+    assert list(report["engines"]) == ["eager", "onnxruntime", "torchscript"]
+    for engine, row in report["engines"].items():
+        assert row["s_per_volume"] > 0 and len(row["s_per_volume_all"]) == 1
+        assert row["agreement"] >= 0.999 and row["min_agreement"] >= 0.999
+    assert report["engines"]["eager"]["agreement"] == 1.0
