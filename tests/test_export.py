@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -46,6 +49,17 @@ def scan(tmp_path_factory) -> Path:
     return path
 
 
+def _in_own_process(name: str) -> bool:
+    """Run test ``name`` of this file in a fresh interpreter (True: done there). Importing OpenVINO
+    sets up absl logging, which breaks the log capture of later tests in the same process."""
+    if os.environ.get("SAMORA_TEST_CHILD") == name:
+        return False
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{name}"],
+                          env={**os.environ, "SAMORA_TEST_CHILD": name}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return True
+
+
 def _seeded(build, *args, **kwargs):
     """The tiny backbone is random and not in the weights: every build draws it from the same seed."""
     torch.manual_seed(0)
@@ -61,6 +75,8 @@ def _labels(bundle: Path, scan: Path, engine: str) -> np.ndarray:
     ("onnx", "onnxruntime", "onnxruntime"), ("onnx", "openvino", "openvino"), ("torchscript", "torchscript", "torch"),
 ])
 def test_exported_engines_give_the_eager_labels(bundle, scan, fmt, engine, module):
+    if engine == "openvino" and _in_own_process("test_exported_engines_give_the_eager_labels[onnx-openvino-openvino]"):
+        return
     pytest.importorskip(module)
     if fmt == "onnx":
         pytest.importorskip("onnx")
@@ -102,24 +118,24 @@ def test_a_stale_or_missing_export_is_refused_with_the_command_that_remakes_it(b
         BundlePredictor.from_bundle(copy, engine="onnxruntime")
 
 
-def test_auto_exports_once_into_the_cache_and_falls_back_to_eager(bundle, scan, tmp_path, monkeypatch):
+def test_openvino_exports_once_into_the_cache(bundle, scan, tmp_path, monkeypatch):
+    if _in_own_process("test_openvino_exports_once_into_the_cache"):
+        return
     pytest.importorskip("openvino")
     pytest.importorskip("onnx")
     monkeypatch.setenv("SAMORA_CACHE", str(tmp_path / "cache"))
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
     (copy / "models" / "model.onnx").unlink(missing_ok=True)
-    predictor = _seeded(BundlePredictor.from_bundle, copy, precision="fp32", engine="auto")
+    predictor = _seeded(BundlePredictor.from_bundle, copy, precision="fp32", engine="openvino")
     assert isinstance(predictor.network, export.EngineNet) and predictor.network.engine == "openvino"
     cached = list((tmp_path / "cache").glob("*.onnx"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
-    BundlePredictor.from_bundle(copy, precision="fp32", engine="auto")
+    BundlePredictor.from_bundle(copy, precision="fp32", engine="openvino")
     assert cached[0].stat().st_mtime_ns == stamp  # not exported again
     assert float((predictor(str(scan)) == _labels(copy, scan, "eager")).mean()) >= 0.999
-
-    monkeypatch.setattr(export, "_installed", lambda module: False)
-    assert isinstance(BundlePredictor.from_bundle(copy, engine="auto").network, SAMoraNet)
+    assert any((tmp_path / "cache" / "openvino").iterdir())  # the compiled model is kept too
 
 
 def test_cli_export_and_engine_errors(bundle, scan, tmp_path, capsys):

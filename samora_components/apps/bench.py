@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from samora_components.bundle.cards import check_weights, model_card_path
 from samora_components.bundle.export import export_model
@@ -223,7 +224,7 @@ def engine_comparison(bundle: str, input: str, engines: str | tuple = ("eager", 
         same = {e: 0 for e in engines}
         worst = {e: 1.0 for e in engines}
         total = 0
-        for source in sources:
+        for source in tqdm(sources, desc="engines", unit="vol", disable=len(sources) < 2):
             labels = {}
             for engine in engines:
                 started = time.perf_counter()

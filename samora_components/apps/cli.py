@@ -45,12 +45,20 @@ def _evaluate(pred: str, label: str, protocol: str = "transunet", out: str = "ev
 
 
 def _infer(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int | None = None,
-           precision: str | None = None, engine: str = "auto") -> None:
+           precision: str | None = None, engine: str = "eager") -> None:
     """Segment INPUT (file or folder) with BUNDLE; write label volumes to OUTPUT. --precision auto
     (default: bf16 only on hardware with native bf16, else fp32) | fp32 | bf16; --batch N slices per
-    forward pass (default: the bundle's inference.yaml); --engine auto (default: OpenVINO where
-    installed, its model exported once into ~/.cache/samora, else PyTorch) | eager | compile |
-    torchscript | onnxruntime | openvino (the last three need `export --format` first)."""
+    forward pass (default: the bundle's inference.yaml); --engine eager (default, PyTorch) | openvino
+    (faster per volume in fp32; the model is exported and compiled once into ~/.cache/samora) |
+    compile | torchscript | onnxruntime (the last two need `export --format` first).
+
+    Stopped at any point (Ctrl-C, kill, full disk), a run leaves only complete label files in OUTPUT
+    (each appears when written in full); run the same command again without --overwrite to skip the
+    volumes already done and segment the rest. OUTPUT must not be (or lie inside) an input folder.
+    A bad volume gets one `error:` line (the others are still written; exit status 1); one that
+    stops the whole run (missing bundle, weights that do not fit their model card, unwritable
+    OUTPUT) one `error:` line and exit status 2. Volumes above SAMORA_MAX_VOXELS voxels (default
+    2e9) are refused from their header, before they are read."""
     inference.main(bundle=bundle, input=input, output=output, weights=weights, overwrite=overwrite, batch=batch,
                    precision=precision, engine=engine)
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from samora_components.utils import atomic_path, write_json
+from samora_components.utils import atomic_path, first_line, write_json
 from samora_components.networks.samora_net import SAMoraNet
 
 logger = logging.getLogger("samora")
 
 __all__ = ["ARCHITECTURE_KEYS", "apply_card", "card_mismatches", "check_card", "check_weights", "model_card_path", "read_model_card",
-           "export_weights"]
+           "read_weights", "load_weights", "export_weights"]
 
 #: model-card keys that describe the network (``SAMoraNet``'s own list, less the training-only
 #: ``scratch_levels``); ``inference.yaml`` writes each out as a config key
@@ -100,8 +100,65 @@ def read_model_card(path: str | Path) -> dict:
     card = model_card_path(path)
     if not card.is_file():
         return {}
-    with open(card) as handle:
-        return json.load(handle)
+    try:
+        with open(card, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"model card {card} is not valid JSON ({first_line(err)})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"model card {card} holds a {type(content).__name__}, not an object of architecture keys")
+    return content
+
+
+def read_weights(weights: str | Path) -> dict:
+    """The state dict of a weights file (tensors only, never code).
+
+    Raises:
+        ValueError: one line naming the file when it is truncated, corrupt or not a state dict.
+    """
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch raises pickle, zip and runtime errors for bad files
+        # torch's "Weights only load failed" text suggests loading code from the file: not ours to pass on
+        reason = "not a PyTorch tensor file" if "weights only" in first_line(err).lower() else first_line(err)
+        raise ValueError(f"{weights}: not a readable weights file, truncated or corrupt? ({reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{weights}: not a state dict (a mapping of parameter names to tensors)")
+    return state
+
+
+def load_weights(network: torch.nn.Module, weights: str | Path) -> torch.nn.Module:
+    """Load ``weights`` into ``network`` (built from their model card), strictly.
+
+    Raises:
+        ValueError: one line naming the file when it is unreadable or does not fit the network:
+            weights of another backbone, class count or method than their model card says.
+    """
+    state = read_weights(weights)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError:
+        expected = network.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        resized = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        found = []
+        if resized:
+            key = resized[0]
+            found.append(f"{len(resized)} tensors of another shape (e.g. {key}: {tuple(state[key].shape)} in the file, "
+                         f"{tuple(expected[key].shape)} in the network)")
+        if missing:
+            found.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            found.append(f"{len(unexpected)} unknown (e.g. {unexpected[0]})")
+        architecture = getattr(network, "architecture", {})
+        described = ", ".join(f"{k}={architecture[k]!r}" for k in ("method", "backbone", "img_size", "num_classes")
+                              if k in architecture)
+        raise ValueError(f"{weights} does not fit the network its model card {model_card_path(weights)} describes "
+                         f"({described}): {'; '.join(found) or 'incompatible tensors'}") from None
+    return network
 
 
 _DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
@@ -121,7 +178,7 @@ def export_weights(weights: str | Path, out: str | Path | None = None, dtype: st
     if not card:
         raise FileNotFoundError(f"no model card {model_card_path(weights)} beside {weights}")
     target = getattr(torch, _DTYPES[dtype])
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = read_weights(weights)
     state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
     with atomic_path(out) as tmp:
         torch.save(state, tmp)

@@ -13,12 +13,11 @@ Engines (:data:`ENGINES`):
 * ``compile``: ``torch.compile`` (inductor) of the core; compiles on the first batch (minutes).
 * ``torchscript``: a traced, frozen core, ``<weights>.ts`` (``export --format torchscript``).
 * ``onnxruntime``: ``<weights>.onnx`` (``export --format onnx``) on ONNX Runtime's CPU provider.
-* ``openvino``: the same ONNX file compiled by OpenVINO for the CPU, in f32 (bf16 only where the
-  network's precision resolved to bf16).
-* ``auto``: OpenVINO where it is installed (the fastest in ``docs/results.md``), else eager. Its
-  ONNX file is ``<weights>.onnx`` when that exists, else one exported once into the cache folder
-  (``$SAMORA_CACHE``, default ``~/.cache/samora``), keyed by the weights' SHA-256. A model that does
-  not export falls back to eager with a warning.
+* ``openvino``: an ONNX file compiled by OpenVINO for the CPU, in f32 (bf16 only where the
+  network's precision resolved to bf16): ``<weights>.onnx`` when that exists, else one exported
+  once into the cache folder (``$SAMORA_CACHE``, default ``~/.cache/samora``), keyed by the
+  weights' SHA-256; OpenVINO keeps its compiled model there too (``openvino/``), so only the first
+  run compiles.
 
 Every exported file records the SHA-256 of the weights it came from; a file made from other
 weights is refused with the command that remakes it.
@@ -31,6 +30,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ENGINES", "FORMATS", "EngineNet", "ModelCore", "build_engine", "export_model", "exported_path"]
 
-ENGINES = ("auto", "eager", "compile", "torchscript", "onnxruntime", "openvino")
+ENGINES = ("eager", "compile", "torchscript", "onnxruntime", "openvino")
 #: export format -> file suffix (beside the weights)
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts"}
 _META_KEY = "samora"
@@ -119,7 +119,10 @@ def _fp32_network(weights: Path) -> SAMoraNet:
 
 def _write(core: ModelCore, fmt: str, target: Path, meta: dict, batch: int) -> None:
     example = torch.rand(batch, 3, core.net.img_size, core.net.img_size)
-    with atomic_path(target) as tmp, torch.no_grad():
+    with atomic_path(target) as tmp, torch.no_grad(), warnings.catch_warnings():
+        # tracing warns at every Python-level shape computation of the encoders; the batch they fix is recorded
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
         if fmt == "onnx":
             import onnx  # optional dependency: only export needs it
 
@@ -174,17 +177,21 @@ def _onnx_meta(path: Path) -> dict:
     return json.loads(found.get(_META_KEY, "{}"))
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SAMORA_CACHE", Path.home() / ".cache" / "samora"))
+
+
 def _cached_onnx(weights: Path, batch: int, net: SAMoraNet) -> tuple[Path, int]:
     """``<weights>.onnx`` if it exists and fits, else the cached export of these weights (made once),
     with its batch."""
     beside = exported_path(weights, "onnx")
     if beside.is_file():
         return beside, _check_meta(_onnx_meta(beside), weights, beside, "onnx")
-    cache = Path(os.environ.get("SAMORA_CACHE", Path.home() / ".cache" / "samora"))
+    cache = _cache_dir()
     target = cache / f"{file_sha256(weights)[:16]}-b{batch}-torch{torch.__version__.split('+')[0]}.onnx"
     if not target.is_file():
         started = time.perf_counter()
-        print(f"exporting the model for OpenVINO (once; cached in {cache})", file=sys.stderr, flush=True)
+        logger.warning("exporting the model for OpenVINO (once; cached in %s)", cache)
         export_model(weights, "onnx", target, batch, net)
         logger.info("exported %s in %.0f s", target, time.perf_counter() - started)
     return target, batch
@@ -193,6 +200,7 @@ def _cached_onnx(weights: Path, batch: int, net: SAMoraNet) -> tuple[Path, int]:
 def _onnxruntime(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     import onnxruntime as ort  # optional dependency
 
+    ort.disable_telemetry_events()  # nothing written to the user's home
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -203,6 +211,7 @@ def _openvino(path: Path, precision: str) -> Callable[[torch.Tensor], torch.Tens
     import openvino as ov  # optional dependency
 
     compiled = ov.Core().compile_model(str(path), "CPU", {
+        "CACHE_DIR": str(_cache_dir() / "openvino"),  # the compiled model, reused by later runs
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": torch.get_num_threads(),
@@ -227,32 +236,20 @@ def _compiled(net: SAMoraNet) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def _installed(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
 def build_engine(net: SAMoraNet, engine: str, weights: str | Path, batch: int = 8) -> nn.Module:
     """``net`` (weights loaded, eval mode) run by ``engine`` (:data:`ENGINES`); ``weights``: the file
     they came from, beside which the exported models are looked for; ``batch``: the slices per call
-    the caller will use (what ``auto`` exports for)."""
+    the caller will use (what ``openvino`` exports for when it exports)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     weights = Path(weights)
-    if engine == "eager" or (engine == "auto" and not _installed("openvino")):
+    if engine == "eager":
         return net
     if engine == "compile":  # one batch shape (the last batch padded), so it compiles once
         return EngineNet(net, _compiled(net), engine, batch)
-    if engine == "auto":
-        try:
-            path, exported = _cached_onnx(weights, batch, net)
-            return EngineNet(net, _openvino(path, net.precision), "openvino", exported)
-        except Exception as err:  # noqa: BLE001 - any export/compile failure: eager still works
-            logger.warning("OpenVINO is not usable for this model (%s); running PyTorch eager", str(err).splitlines()[0])
-            return net
+    if engine == "openvino":
+        path, exported = _cached_onnx(weights, batch, net)
+        return EngineNet(net, _openvino(path, net.precision), engine, exported)
     fmt = "torchscript" if engine == "torchscript" else "onnx"
     path = exported_path(weights, fmt)
     if not path.is_file():
@@ -264,5 +261,4 @@ def build_engine(net: SAMoraNet, engine: str, weights: str | Path, batch: int = 
         exported = _check_meta(json.loads(extra[f"{_META_KEY}.json"] or "{}"), weights, path, fmt)
         return EngineNet(net, module, engine, exported)
     exported = _check_meta(_onnx_meta(path), weights, path, fmt)
-    run = _onnxruntime(path) if engine == "onnxruntime" else _openvino(path, net.precision)
-    return EngineNet(net, run, engine, exported)
+    return EngineNet(net, _onnxruntime(path), engine, exported)

@@ -4,12 +4,19 @@ The bundle config supplies the network, preprocessing (load, orient to RAS, scal
 inferer and the postprocessing (argmax, undo the orientation). This module adds what a user needs
 around it: input checks with one-line errors, a progress bar over volumes, outputs that keep the
 input's exact shape and affine, and atomic writes that never leave a partial file.
+
+A folder run can be stopped at any point (Ctrl-C, a kill, a full disk): every label file in the
+output folder is then complete, because each one appears only when it has been written in full.
+Running the same command again without ``--overwrite`` skips the volumes whose label file exists and
+segments the rest (the hidden temporary file of a killed run is removed then).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +29,7 @@ from monai.transforms import LoadImaged
 from monai.utils import ImageMetaKey
 from tqdm import tqdm
 
-from samora_components.bundle.cards import apply_card, check_weights, read_model_card
+from samora_components.bundle.cards import apply_card, check_weights, load_weights, read_model_card
 from samora_components.bundle.export import ENGINES, build_engine
 from samora_components.data.io import (
     VOLUME_SUFFIXES,
@@ -34,11 +41,11 @@ from samora_components.data.io import (
     volume_stem,
 )
 from samora_components.networks.precision import check_precision
-from samora_components.utils import atomic_path, first_line, keep_freed_memory
+from samora_components.utils import WriteError, atomic_path, first_line, keep_freed_memory, remove_stale_partials
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BundlePredictor", "find_volumes", "output_path", "predict_file", "main"]
+__all__ = ["BundlePredictor", "check_output", "find_volumes", "output_path", "predict_file", "main"]
 
 
 @dataclass
@@ -73,8 +80,7 @@ class BundlePredictor:
         if precision:
             parser["precision"] = precision
         network = parser.get_parsed_content("network")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        network.load_state_dict(state, strict=True)
+        load_weights(network, weights)  # one-line errors for corrupt files and weights of another network
         network.eval()
         if engine != "eager":
             network = build_engine(network, engine, weights, int(parser.get_parsed_content("inferer#sw_batch_size")))
@@ -110,8 +116,10 @@ def find_volumes(path: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_file():
         return [path]
-    found = sorted(p for p in path.iterdir()  # hidden files (e.g. an interrupted write's .partial-*) are not inputs
-                   if p.is_file() and not p.name.startswith(".") and p.name.endswith(VOLUME_SUFFIXES))
+    # hidden files (e.g. an interrupted write's .partial-*) are not inputs; a volume name that is no
+    # readable file (a broken link, a symbolic link loop) is kept, so that it is reported, not skipped
+    found = sorted(p for p in path.iterdir()
+                   if not p.name.startswith(".") and p.name.endswith(VOLUME_SUFFIXES) and not p.is_dir())
     found += sorted(p for p in path.glob("*/mri_norm2.h5"))
     if not found:
         raise FileNotFoundError(f"{path}: no volume files ({', '.join(VOLUME_SUFFIXES)})")
@@ -154,8 +162,34 @@ def predict_file(predictor: BundlePredictor, source: Path, target: Path) -> np.n
     return label
 
 
+def check_output(input: Path, sources: list[Path], output: Path) -> None:
+    """Refuse an output folder that is (or lies inside) the input folder, one whose labels would
+    replace an input file, and one that cannot be created or written; checked before the model loads.
+
+    Raises:
+        ValueError: the output folder overlaps the input.
+        WriteError: the output folder cannot be created or written (one line naming it).
+    """
+    out = Path(os.path.realpath(output))  # realpath: a symbolic link loop among the inputs does not raise here
+    if input.is_dir():
+        folder = Path(os.path.realpath(input))
+        if out == folder or folder in out.parents:
+            where = "is" if out == folder else "lies inside"
+            raise ValueError(f"--output {output} {where} the input folder {input}: its label files would mix with "
+                             "(or replace) the images; choose a folder outside it")
+    for source in sources:
+        if os.path.realpath(output_path(source, output)) == os.path.realpath(source):
+            raise ValueError(f"--output {output} would replace the input {source} with its labels; choose another folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as err:
+        raise WriteError(err.errno, f"cannot write into the output folder {output} ({err.strerror or err})") from None
+
+
 def main(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int | None = None,
-         precision: str | None = None, engine: str = "auto") -> None:
+         precision: str | None = None, engine: str = "eager") -> None:
     """CLI: segment a file or folder; one error line per bad input, non-zero exit if any failed (the
     CLI reports errors that stop the whole run, such as a missing bundle, in one line)."""
     sources = find_volumes(input)
@@ -163,8 +197,10 @@ def main(bundle: str, input: str, output: str, weights: str | None = None, overw
         check_precision(precision)
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    predictor = BundlePredictor.from_bundle(bundle, weights, batch, precision, engine)
     out_dir = Path(output)
+    check_output(Path(input), sources, out_dir)
+    predictor = BundlePredictor.from_bundle(bundle, weights, batch, precision, engine)
+    remove_stale_partials(out_dir)
     failed, written, skipped = 0, [], 0
     for source in tqdm(sources, desc="volumes", unit="vol", disable=len(sources) < 2):
         target = output_path(source, out_dir)

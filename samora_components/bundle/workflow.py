@@ -13,15 +13,67 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from monai.bundle import run as bundle_run
 
+from samora_components.engines.handlers import process_rank
 
 logger = logging.getLogger("samora")
 
 __all__ = [
-    "attach_handlers", "config_files", "evaluate_bundle", "prepare_run", "pretrain", "PRETRAIN_STEPS",
-    "run_config",
+    "attach_handlers", "config_files", "evaluate_bundle", "init_distributed", "per_rank_batch", "prepare_run",
+    "pretrain", "PRETRAIN_STEPS", "process_rank", "rank_share", "run_config", "world_size",
 ]
+
+
+def init_distributed() -> torch.device:
+    """Join the process group that ``torchrun`` describes in the environment (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; one node or several) and return
+    this process's device: NCCL with GPU ``LOCAL_RANK`` where CUDA exists, gloo on the CPU elsewhere.
+    Ranks other than 0 then log warnings and errors only (rank 0 reports the run). Joins once (a
+    second call only returns the device)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        logger.info("process %d of %d (%s, %s)", dist.get_rank(), dist.get_world_size(), dist.get_backend(), device)
+        if dist.get_rank() > 0:
+            logging.getLogger().setLevel(logging.WARNING)
+    return device
+
+
+def world_size() -> int:
+    """Number of processes of the ``torch.distributed`` process group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank_share(items: Sequence) -> list:
+    """This process's contiguous share of ``items`` (all of them without a process group), e.g. the
+    validation volumes each rank evaluates; MONAI's metrics then gather the shares. A list shorter
+    than the number of processes is padded by repetition, so that every rank has a share (a rank
+    with none would not reach the metric's gathering step and the others would wait for it)."""
+    items = list(items)
+    world = world_size()
+    if world == 1 or not items:
+        return items
+    if len(items) < world:
+        items = [items[i % len(items)] for i in range(world)]
+    bounds = [round(i * len(items) / world) for i in range(world + 1)]
+    rank = process_rank()
+    return items[bounds[rank]:bounds[rank + 1]]
+
+
+def per_rank_batch(batch_size: int) -> int:
+    """Each process's share of the global ``batch_size`` (which stays the recipe's batch, what the
+    learning rate is scaled with); it must divide evenly."""
+    world = world_size()
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {world} processes; "
+                         f"use a multiple of {world} (batch_size is the global batch of all processes)")
+    return batch_size // world
 
 
 def attach_handlers(engine, handlers: Sequence) -> None:

@@ -68,7 +68,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samora_components.data.io import volume_stem
+from samora_components.data.io import check_same_grid, volume_stem
 from samora_components.data.transforms import LABEL_MAPS, SYNAPSE_CLASSES, remap_labels
 from samora_components.utils import atomic_path, write_json
 
@@ -213,6 +213,9 @@ def _save_label(array: np.ndarray, like: object, dest: Path) -> Path:
 
 def _remapped_items(pairs: Iterable[Pair], mapping: Mapping[int, int], labels_dir: Path) -> list[dict]:
     """Items whose labels are remapped copies ``labels_dir/<name>.nii.gz`` of the source labels."""
+    pairs = list(pairs)
+    for _, image, label in pairs:  # headers only: a label on another grid is refused before any copy is written
+        check_same_grid(str(image), str(label))
     items = []
     for name, image, label in pairs:
         array, source = _read_label(label)
@@ -256,8 +259,11 @@ def _mapping_from_names(by_id: Mapping[int, str]) -> dict[int, int]:
 def _has_label(h5: Path) -> bool:
     import h5py
 
-    with h5py.File(h5, "r") as handle:
-        return "label" in handle
+    try:
+        with h5py.File(h5, "r") as handle:
+            return "label" in handle
+    except OSError as err:  # h5py's message does not name the file
+        raise ValueError(f"{h5}: not a readable HDF5 file, truncated or corrupt? ({str(err).splitlines()[0]})") from None
 
 
 def _h5_item(path: Path) -> dict:

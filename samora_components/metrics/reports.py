@@ -256,20 +256,37 @@ def _drop_trailing_axes(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _read_labels(path: Path, label_map: Mapping[int, int] | None = None) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Integer label map (X, Y, Z) and voxel spacing (one value per axis) of one file; ``label_map``
-    remaps its ids (unlisted ids become 0) as training does."""
+def _read_labels(path: Path, label_map: Mapping[int, int] | None = None) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """Integer label map (X, Y, Z), voxel spacing (one value per axis) and affine of one file;
+    ``label_map`` remaps its ids (unlisted ids become 0) as training does. Negative values are no
+    class id: an error."""
     volume = read_volume(path, key="label")
     array = _drop_trailing_axes(np.asarray(volume.array))
     try:
         labels = as_label_map(array, str(path))
+        if labels.size and np.issubdtype(labels.dtype, np.signedinteger) and labels.min() < 0:
+            raise ValueError(f"{path}: negative label values (down to {int(labels.min())}); labels are class ids 0, 1, ...")
         if label_map is not None:
             labels = remap_labels(labels, label_map)
     except ValueError as err:
         raise VolumeError(f"{path}: {err}" if str(path) not in str(err) else str(err)) from None
     spacing = tuple(volume.spacing)[: labels.ndim]
     spacing += (1.0,) * (labels.ndim - len(spacing))
-    return labels, spacing
+    return labels, spacing, volume.affine
+
+
+def _has_geometry(path: Path) -> bool:
+    """Whether a file records its voxel grid (NIfTI, MetaImage; h5/npz arrays get an identity affine)."""
+    return path.name.endswith((".nii", ".nii.gz", ".mhd", ".mha"))
+
+
+def _check_same_grid(case: Case, pred: np.ndarray, gt: np.ndarray, pred_affine: np.ndarray, gt_affine: np.ndarray) -> None:
+    """A prediction must lie on its label's voxel grid: same shape, and same affine when both files have one."""
+    if pred.shape != gt.shape:
+        raise ValueError(f"case {case.name}: prediction shape {pred.shape} differs from label shape {gt.shape}")
+    if _has_geometry(case.pred) and _has_geometry(case.label) and not np.allclose(pred_affine, gt_affine, rtol=1e-3, atol=1e-2):
+        raise ValueError(f"case {case.name}: prediction {case.pred.name} lies on another voxel grid than its label "
+                         f"(affines differ, e.g. flipped or shifted): write predictions on the label's grid")
 
 
 def _largest_label(*maps: np.ndarray) -> int:
@@ -348,21 +365,36 @@ def _score_cases(cases: list[Case], protocol: str, names: dict[int, str] | None,
 
     per_case: dict[str, dict[int, tuple[float, float]]] = {}
     largest = 0
-    with tqdm(cases, desc="evaluate", unit="case", file=sys.stderr, dynamic_ncols=True) as bar:
-        for case in bar:
-            bar.set_postfix_str(case.name)
-            gt, spacing = _read_labels(case.label, label_map)
-            pred, _ = _read_labels(case.pred)
-            if pred.shape != gt.shape:
-                raise ValueError(f"case {case.name}: prediction shape {pred.shape} differs from label shape {gt.shape}")
-            case_largest = _largest_label(gt, pred)
-            largest = max(largest, case_largest)
-            case_names = names if names is not None else {c: f"class_{c}" for c in range(1, case_largest + 1)}
-            results = case_metrics(pred, gt, list(case_names), protocol=protocol, spacing=spacing)
-            per_case[case.name] = results
-            if case.image is not None:
-                _write_overlay(case, gt, pred, case_names, out, _case_mean(results, 0))
+    overlays: list[Path] = []
+    try:
+        with tqdm(cases, desc="evaluate", unit="case", file=sys.stderr, dynamic_ncols=True) as bar:
+            largest = _score_each(bar, protocol, names, out, label_map, per_case, overlays)
+    except Exception:  # a bad case stops the run: no overlay of this run stays behind without its reports
+        for path in overlays:
+            path.unlink(missing_ok=True)
+        raise
     return per_case, largest
+
+
+def _score_each(bar, protocol: str, names: dict[int, str] | None, out: Path, label_map: Mapping[int, int] | None,
+                per_case: dict, overlays: list[Path]) -> int:
+    """Score the cases of ``bar`` into ``per_case`` (overlay files written go to ``overlays``); the
+    largest label value seen."""
+    largest = 0
+    for case in bar:
+        bar.set_postfix_str(case.name)
+        gt, spacing, gt_affine = _read_labels(case.label, label_map)
+        pred, _, pred_affine = _read_labels(case.pred)
+        _check_same_grid(case, pred, gt, pred_affine, gt_affine)
+        case_largest = _largest_label(gt, pred)
+        largest = max(largest, case_largest)
+        case_names = names if names is not None else {c: f"class_{c}" for c in range(1, case_largest + 1)}
+        results = case_metrics(pred, gt, list(case_names), protocol=protocol, spacing=spacing)
+        per_case[case.name] = results
+        if case.image is not None:
+            overlays.append(out / "overlays" / f"{case.name}.png")
+            _write_overlay(case, gt, pred, case_names, out, _case_mean(results, 0))
+    return largest
 
 
 def _complete(per_case: dict[str, dict[int, tuple]], names: Mapping[int, str], protocol: str) -> None:
@@ -414,8 +446,7 @@ def evaluate_cases(cases: list[Case], protocol: str = "transunet", out: str = "e
     check_protocol(protocol)
     names = parse_classes(classes)
     mapping = resolve_label_map(label_map)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out)  # created by the first file written: a bad case leaves no empty report folder
     per_case, largest = _score_cases(cases, protocol, names, out_dir, mapping)
     if names is None:
         if largest < 1:

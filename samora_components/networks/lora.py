@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -210,7 +210,10 @@ def load_expert(path: str | Path, experts: list[LoRAExpert]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expert file not found: {path}")
-    meta = read_expert_metadata(path)
+    try:
+        meta = read_expert_metadata(path)
+    except (SafetensorError, ValueError) as err:  # truncated, not safetensors, or bad metadata JSON
+        raise ValueError(f"{path}: not a readable expert file, truncated or corrupt? ({str(err).splitlines()[0]})") from err
     if meta.get("num_sites") != len(experts):
         raise ValueError(
             f"{path} holds {meta.get('num_sites')} sites but the encoder has {len(experts)} "

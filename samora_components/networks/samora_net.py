@@ -305,7 +305,11 @@ class SAMoraNet(nn.Module):
         if meta.get("backbone") != self.backbone_name:
             raise ValueError(f"expert {path} was trained on backbone {meta.get('backbone')!r}, not {self.backbone_name!r}")
         if meta.get("checkpoint_sha256") and meta.get("checkpoint_sha256") != self.backbone_sha256:
-            logger.warning("expert %s was trained on other %s weights (sha256 differs)", path, self.backbone_name)
+            # an expert's update was learned against particular frozen weights: on others it is noise
+            raise ValueError(
+                f"expert {path} was trained on other {self.backbone_name} weights (sha256 {meta['checkpoint_sha256'][:12]}..., "
+                f"this backbone {str(self.backbone_sha256)[:12]}...): run stage 1 again on these weights "
+                f"(`python -m samora_components pretrain --level {level}`) or train it in stage 2 with --scratch_levels")
         if meta.get("level") not in (None, level):
             logger.warning("expert %s is a %s-level expert loaded as %s", path, meta.get("level"), level)
         self.experts_meta[level] = meta
