@@ -16,7 +16,9 @@ What it does, in order:
 3. starts ``monailabel start_server`` in this process, bound to 127.0.0.1 unless told otherwise,
    with the app options that keep it off the network: ``zoo_source`` other than ``monaihosting``
    (no model-zoo listing; bundles come from ``model/``), ``sam2 false`` (no SAM2 models, whose
-   weights would be downloaded on first use) and ``skip_trainers true``.
+   weights would be downloaded on first use) and ``skip_trainers true``; uvicorn serves
+   ``guarded_app``, monailabel's app with the checks of ``guard_app`` in front of ``/infer``
+   (unknown model or study id: 404; a stored study that is not a readable NIfTI volume: 422).
 
 Errors that stop the start (no studies folder, no bundle with weights, monailabel missing) are
 one ``error:`` line on stderr and exit status 2.
@@ -27,6 +29,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -41,12 +45,16 @@ __all__ = [
     "DEFAULT_BUNDLES_DIR",
     "LabelServerError",
     "ServedBundle",
+    "UVICORN_APP",
     "check_bundle",
     "find_bundles",
+    "guard_app",
+    "infer_problem",
     "main",
     "prepare_app",
     "sample_app_dir",
     "server_argv",
+    "volume_problem",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +75,13 @@ APP_CONF = {
     "skip_trainers": "true",
     "preload": "false",
 }
+
+
+# The ASGI app uvicorn serves: monailabel's own app with the request checks of guard_app. It is
+# built on first access (module __getattr__), after `monailabel start_server` has set its settings.
+UVICORN_APP = "samora_components.apps.label_server:guarded_app"
+_INFER_PATH = re.compile(r"^/infer/([^/]+)/?$")
+_VOLUME_CHECKS: dict[tuple[str, int, int], str | None] = {}
 
 
 class LabelServerError(Exception):
@@ -202,11 +217,115 @@ def prepare_app(app_dir: str | Path, bundles: list[ServedBundle], sample: str | 
     return app
 
 
+def volume_problem(path: str) -> str | None:
+    """Why the file at ``path`` is not a volume the models may read (None when it is one).
+
+    The whole file is decoded, so a truncated ``.nii.gz`` is caught here; the answer is remembered
+    per (path, size, modification time).
+    """
+    import nibabel as nib
+    import numpy as np
+
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        return f"cannot read the file ({first_line(err)})"
+    key = (path, info.st_size, info.st_mtime_ns)
+    if key not in _VOLUME_CHECKS:
+        try:
+            image = nib.load(path)
+            if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+                raise ValueError(f"{type(image).__name__} is not NIfTI")
+            shape = tuple(int(n) for n in image.shape)
+            if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)) or min(shape) < 1:
+                raise ValueError(f"shape {shape} is not a 3-D volume")
+            data = np.asanyarray(image.dataobj)
+            if data.dtype.kind == "f" and not np.isfinite(data).all():
+                raise ValueError("it holds NaN or infinite values")
+            _VOLUME_CHECKS[key] = None
+        except Exception as err:  # nibabel raises many kinds for damaged files
+            _VOLUME_CHECKS[key] = first_line(err) or type(err).__name__
+    return _VOLUME_CHECKS[key]
+
+
+def infer_problem(models: set[str], studies: list[str], model: str, image: str) -> tuple[int, str] | None:
+    """HTTP status and message refusing ``/infer/<model>?image=<image>``, or None to let it run.
+
+    Only a study id of the datastore is accepted: no server-side path, no volume sent with the
+    request itself (upload it to the datastore first, where it is checked like every study).
+    """
+    if model not in models:
+        return 404, f"no model '{model}' on this server (models: {', '.join(sorted(models))})"
+    if not image:
+        return 400, (
+            "name a study of the datastore: /infer/<model>?image=<study id> (upload volumes with PUT /datastore/image)"
+        )
+    if image not in studies:
+        return 404, f"no study '{image}' in the datastore"
+    return None
+
+
+def guard_app(app):
+    """Add the request checks to monailabel's FastAPI ``app`` (before it starts) and return it.
+
+    Every ``POST /infer/<model>`` is checked before monailabel sees it: unknown model or study id
+    is a 404, and a stored study that is not a readable NIfTI volume is a 422, so a bad upload never
+    reaches a model. MONAI Label's own "not found" and invalid-input errors become 404 and 400
+    instead of 500.
+    """
+    from fastapi.responses import JSONResponse
+    from monailabel.interfaces.exception import (
+        ImageNotFoundException,
+        LabelNotFoundException,
+        MONAILabelError,
+        MONAILabelException,
+    )
+    from monailabel.interfaces.utils.app import app_instance
+
+    async def check_infer(request, call_next):
+        match = _INFER_PATH.match(request.url.path) if request.method == "POST" else None
+        if match:
+            instance = app_instance()
+            datastore = instance.datastore()
+            image = request.query_params.get("image", "")
+            models = set(instance.info().get("models", {}))
+            refusal = infer_problem(models, datastore.list_images(), match.group(1), image)
+            if refusal is None:
+                problem = volume_problem(datastore.get_image_uri(image))
+                if problem:
+                    refusal = 422, f"study '{image}' is not a readable NIfTI volume: {problem}"
+            if refusal:
+                return JSONResponse({"detail": refusal[1]}, status_code=refusal[0])
+        return await call_next(request)
+
+    async def client_error(request, err):
+        if isinstance(err, (ImageNotFoundException, LabelNotFoundException)):
+            status = 404
+        elif getattr(err, "error", None) == MONAILabelError.INVALID_INPUT:
+            status = 400
+        else:
+            status = 500
+        return JSONResponse({"detail": first_line(getattr(err, "msg", err))}, status_code=status)
+
+    app.middleware("http")(check_infer)
+    app.add_exception_handler(MONAILabelException, client_error)
+    return app
+
+
+def __getattr__(name: str):
+    if name == "guarded_app":
+        from monailabel.app import app
+
+        globals()["guarded_app"] = guard_app(app)
+        return globals()["guarded_app"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def server_argv(app: Path, studies: Path, bundles: list[ServedBundle], host: str, port: int) -> list[str]:
     """``monailabel start_server`` arguments."""
     conf = dict(APP_CONF, models=",".join(b.name for b in bundles))
     argv = ["monailabel", "start_server", "--app", str(app), "--studies", str(studies)]
-    argv += ["--host", host, "--port", str(port)]
+    argv += ["--host", host, "--port", str(port), "--uvicorn_app", UVICORN_APP]
     for key, value in conf.items():
         argv += ["--conf", key, value]
     return argv

@@ -121,3 +121,27 @@ def test_weights_are_checked_against_the_model_card(tmp_path):
     torch.save({"net": object()}, weights)  # not loadable with weights_only=True
     with pytest.raises(ls.LabelServerError, match="plain state dict"):
         ls.check_bundle(served)
+
+
+def test_infer_requests_are_checked_before_the_model():
+    models, studies = {"samora_ct", "samora_mr"}, ["case01"]
+    assert ls.infer_problem(models, studies, "samora_ct", "case01") is None
+    assert ls.infer_problem(models, studies, "nope", "case01")[0] == 404
+    assert ls.infer_problem(models, studies, "samora_ct", "nope")[0] == 404
+    assert ls.infer_problem(models, studies, "samora_ct", "/etc/passwd")[0] == 404  # no server-side paths
+    assert ls.infer_problem(models, studies, "samora_ct", "")[0] == 400
+
+
+def test_damaged_volumes_are_named(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), str(good))
+    assert ls.volume_problem(str(good)) is None
+    (tmp_path / "garbage.nii.gz").write_bytes(b"not a volume" * 50)
+    (tmp_path / "cut.nii.gz").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), str(flat))
+    for name in ("garbage.nii.gz", "cut.nii.gz", "flat.nii.gz", "absent.nii.gz"):
+        assert ls.volume_problem(str(tmp_path / name)), name

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -169,7 +170,8 @@ def server(tmp_path_factory):
                 time.sleep(1.0)
         print(f"MONAI Label ready after {time.monotonic() - started:.0f} s", file=sys.stderr)
         yield {"url": url, "study": study, "mr_study": mr_study, "bundle": bundle, "classes": classes,
-               "log": log_path, "port": port, "mr_served": str(SHIPPED_MR) in served}
+               "log": log_path, "port": port, "mr_served": str(SHIPPED_MR) in served, "pid": process.pid,
+               "studies": root / "studies"}
     finally:
         _stop(process)
     assert process.poll() is not None, "server still running after SIGKILL"
@@ -256,3 +258,132 @@ def test_shipped_mr_model_segments_an_mr_study(server, tmp_path):
 
     expected = BundlePredictor.from_bundle(SHIPPED_MR)(str(server["mr_study"]))
     assert (values == expected).mean() > 0.99
+
+
+CONCURRENT_REQUESTS = 20
+# Peak resident memory of the server's process group during the tests above and the concurrent
+# requests (small 64 px network, 48x40x12 study, CPU). Measured 2252 MiB
+# (sum of VmHWM); the bound leaves about a third more.
+PEAK_RSS_BOUND_MIB = 3072
+
+
+def _peak_rss_mib(group: int) -> float:
+    """Sum of VmHWM (peak resident set) over the processes of the server's process group."""
+    total_kib = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            status = (entry / "status").read_text()
+        except OSError:  # the process ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) != group:  # pgrp
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total_kib += int(line.split()[1])
+    return total_kib / 1024
+
+
+def test_concurrent_infer_requests_all_get_the_same_labels(server, tmp_path, capsys):
+    # a 4-slice study, uploaded like a viewer would, keeps 20 CPU inferences short
+    small = tmp_path / "small.nii.gz"
+    study = nib.load(str(server["study"]))
+    nib.save(nib.Nifti1Image(np.asarray(study.dataobj)[:, :4, :], study.affine), str(small))
+    assert _upload(server, "small", small.name, small.read_bytes()) == (200, {"image": "small"})
+    _, reference_file = _infer(server, MODEL, "small", tmp_path)
+    reference = nib.load(str(reference_file))
+    expected = np.asarray(reference.dataobj)
+    folders = [tmp_path / f"r{i:02d}" for i in range(CONCURRENT_REQUESTS)]
+    for folder in folders:
+        folder.mkdir()
+
+    def one(folder: Path) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
+        _, label_file = _infer(server, MODEL, "small", folder)
+        label = nib.load(str(label_file))
+        return label.shape, np.asarray(label.dataobj), label.affine
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=CONCURRENT_REQUESTS) as pool:
+        answers = list(pool.map(one, folders))
+    elapsed = time.monotonic() - started
+    assert len(answers) == CONCURRENT_REQUESTS
+    for shape, values, affine in answers:
+        assert shape == reference.shape
+        np.testing.assert_array_equal(values, expected)
+        np.testing.assert_allclose(affine, reference.affine, atol=1e-3)
+    peak = _peak_rss_mib(server["pid"])
+    with capsys.disabled():
+        print(
+            f"\nMONAI Label: {CONCURRENT_REQUESTS} concurrent /infer answered in {elapsed:.1f} s; "
+            f"server peak RSS {peak:.0f} MiB (bound {PEAK_RSS_BOUND_MIB} MiB)"
+        )
+    assert 0 < peak < PEAK_RSS_BOUND_MIB
+
+
+def _post(url: str, body: bytes = b"", content_type: str | None = None, method: str = "POST") -> tuple[int, dict]:
+    headers = {"Content-Type": content_type} if content_type else {}
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+            text = response.read()
+            is_json = response.headers.get("Content-Type", "").startswith("application/json")
+            return response.status, json.loads(text) if is_json else {"bytes": len(text)}
+    except urllib.error.HTTPError as err:
+        text = err.read()
+        try:
+            return err.code, json.loads(text)
+        except ValueError:
+            return err.code, {"detail": text.decode(errors="replace")}
+
+
+def _infer_status(server: dict, model: str, query: dict) -> tuple[int, dict]:
+    return _post(f"{server['url']}/infer/{model}?{urllib.parse.urlencode(query)}")
+
+
+def test_unknown_model_is_a_404(server):
+    status, answer = _infer_status(server, "no_such_model", {"image": STUDY})
+    assert status == 404, answer
+    assert "no_such_model" in answer["detail"]
+
+
+def test_unknown_image_is_a_404(server):
+    for image in ("no_such_study", str(server["study"]), "../studies/case01"):
+        status, answer = _infer_status(server, MODEL, {"image": image})
+        assert status == 404, (image, answer)
+        assert "study" in answer["detail"]
+    status, answer = _infer_status(server, MODEL, {})
+    assert status == 400, answer
+
+
+def _upload(server: dict, image: str, filename: str, data: bytes) -> tuple[int, dict]:
+    boundary = uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n{{}}\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    url = f"{server['url']}/datastore/image?{urllib.parse.urlencode({'image': image})}"
+    return _post(url, body, f"multipart/form-data; boundary={boundary}", method="PUT")
+
+
+def test_bad_uploads_never_reach_the_model(server):
+    good = server["study"].read_bytes()
+    uploads = {
+        "garbage": b"this is not a NIfTI volume" * 40,
+        "truncated": good[: len(good) // 2],
+    }
+    for image, data in uploads.items():
+        status, answer = _upload(server, image, f"{image}.nii.gz", data)
+        assert status == 200 and answer == {"image": image}, answer  # stored as sent ...
+        status, answer = _infer_status(server, MODEL, {"image": image})
+        assert status == 422, (image, answer)  # ... but refused before the model runs
+        assert answer["detail"].startswith(f"study '{image}' is not a readable NIfTI volume"), answer
+    log = server["log"].read_text()
+    assert "Infer Request: {'model': 'samora_ct', 'image': 'garbage'" not in log
+    assert "Infer Request: {'model': 'samora_ct', 'image': 'truncated'" not in log
+    # a good upload under the same id replaces the bad one (the model run on an uploaded study is
+    # tested by test_concurrent_infer_requests_all_get_the_same_labels)
+    assert _upload(server, "garbage", "garbage.nii.gz", good) == (200, {"image": "garbage"})
