@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable
