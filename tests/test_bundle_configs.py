@@ -17,8 +17,8 @@ ALLOWED = {
     "train.yaml": {"bundle_root", "dataset_dir", "num_classes", "class_names", "intensity", "intensity_source",
                    "flip_prob"},
     "pretrain.yaml": {"bundle_root", "dataset_dir", "intensity", "intensity_source"},
-    "inference.yaml": {"bundle_root", "method", "img_size", "num_classes", "preprocessing", "postprocessing",
-                       "inferer"},  # the slice batch follows the shipped input size (256 px CT, 128 px MR)
+    "inference.yaml": {"bundle_root", "method", "img_size", "num_classes", "class_names", "preprocessing",
+                       "postprocessing", "inferer"},  # the slice batch follows the shipped input size (256 px CT, 128 px MR)
     "evaluate.yaml": {"bundle_root", "dataset_dir", "preprocessing", "postprocessing", "intensity", "method",
                       "img_size", "num_classes", "class_names", "inferer"},
 }

@@ -389,6 +389,31 @@ def test_real_totalseg_example(shared_data, tmp_path):
     assert np.allclose(label.affine, nib.load(src / "example_seg_fast_force_split.nii.gz").affine)
 
 
+def test_append_builds_one_ct_training_set_from_two_releases(tmp_path, capsys):
+    """convert --append: AMOS slabs, then a TotalSegmentator subject, into one datalist; a case added
+    twice, an MR datalist and a missing datalist are one-line errors."""
+    amos, total, out = tmp_path / "amos", tmp_path / "total", tmp_path / "ct" / "datalist.json"
+    _nii(amos / "amos_0001_ct.nii.gz", np.zeros((8, 8, 4), np.int16))
+    _nii(amos / "amos_0001_label_amos15.nii.gz", _label_volume(list(range(16))))
+    _totalseg_subject(total / "s0001")
+    cli(["convert", "--kind", "amos", "--src", str(amos), "--out", str(out)])
+    cli(["convert", "--kind", "totalseg", "--src", str(total), "--out", str(out), "--append", "True"])
+    assert "2 training, 0 validation, 0 test, 2 unlabeled" in capsys.readouterr().out
+    content = json.loads(out.read_text())
+    assert _names(content["training"], "label") == ["amos_0001.nii.gz", "s0001.nii.gz"]
+    assert content["label_source"] == "amos_to_synapse+totalseg_masks" and content["kind"] == "ct"
+    assert all((out.parent / item["label"]).is_file() for item in content["training"])  # relative to the datalist
+    line = _error_line(capsys, "totalseg", str(total), out=str(out), append=True)
+    assert "already in the datalist" in line
+    assert json.loads(out.read_text()) == content  # nothing changed by the refused call
+    la = tmp_path / "la" / "datalist.json"
+    line = _error_line(capsys, "amos", str(amos), out=str(tmp_path / "none.json"), append=True)
+    assert "no datalist at" in line
+    la.parent.mkdir()
+    la.write_text(json.dumps({"kind": "mr", "classes": ["background", "left_atrium"], "training": []}))
+    assert "kind 'mr'" in _error_line(capsys, "amos", str(amos), out=str(la), append=True)
+
+
 # ---------------------------------------------------------------- CLI errors
 
 

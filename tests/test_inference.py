@@ -218,3 +218,43 @@ def test_a_left_over_partial_write_is_not_an_input(tmp_path):
     _save(_volume(), np.eye(4), tmp_path / "a.nii.gz")
     (tmp_path / ".partial-123-456-b.nii.gz").write_bytes(b"half a file")
     assert [p.name for p in find_volumes(tmp_path)] == ["a.nii.gz"]
+
+
+def test_overlay_and_probabilities_lie_on_the_input_grid(bundle, tmp_path, capsys):
+    """--overlay draws the labels over the image; --save_probabilities gives a softmax per class on the
+    input's own grid (here LPS, so the orientation is undone) whose argmax is the label map."""
+    import matplotlib.image
+
+    affine = np.diag([-0.8, -0.9, 2.5, 1.0])
+    affine[:3, 3] = [10.0, 20.0, -5.0]
+    src = _save(_volume(seed=3), affine, tmp_path / "case.nii.gz")
+    main(str(bundle), str(src), str(tmp_path / "out"), overlay=True, save_probabilities=True)
+    label = np.asarray(nib.load(str(tmp_path / "out" / "case.nii.gz")).dataobj)
+    prob_img = nib.load(str(tmp_path / "out" / "case_probabilities.nii.gz"))
+    assert prob_img.shape == (40, 36, 6, 9) and np.allclose(prob_img.affine, affine)
+    prob = prob_img.get_fdata()
+    assert prob.min() >= 0.0 and prob.max() <= 1.0
+    assert np.abs(prob.sum(-1) - 1.0).max() <= 9 * 0.5 / 255 + 1e-6  # rounding to steps of 1/255
+    top2 = np.sort(prob, axis=-1)[..., -2:]
+    clear = (top2[..., 1] - top2[..., 0]) > 2.0 / 255  # argmax not decided by rounding
+    assert clear.mean() > 0.5 and np.array_equal(prob.argmax(-1)[clear], label[clear])
+    png = matplotlib.image.imread(str(tmp_path / "out" / "case_overlay.png"))
+    assert png.ndim == 3 and png.shape[0] > 100 and png.shape[1] > 300
+    rgb = png[..., :3]
+    coloured = (rgb.max(-1) - rgb.min(-1)) > 0.15  # painted label pixels (the image itself is grey)
+    assert coloured.sum() > 50
+    out = capsys.readouterr().out
+    assert "case: spleen" in out and " mL" in out
+
+
+def test_class_volumes_in_millilitres():
+    from samora_components.bundle.inference import label_volumes_ml
+
+    label = np.zeros((10, 10, 10), np.uint8)
+    label[:2, :5, :10] = 1  # 100 voxels
+    label[5:, 5:, 5:] = 3  # 125 voxels
+    affine = np.diag([0.5, 2.0, 4.0, 1.0])  # 4 mm^3 per voxel
+    affine[:3, :3] = _rotation_z(30) @ affine[:3, :3]  # a rotation keeps the voxel volume
+    volumes = label_volumes_ml(label, affine, ["background", "a", "b", "c"])
+    assert volumes == {"a": 0.4, "b": 0.0, "c": 0.5}
+    assert label_volumes_ml(label, affine) == {"class_1": 0.4, "class_2": 0.0, "class_3": 0.5}

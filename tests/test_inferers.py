@@ -80,3 +80,19 @@ def test_wrong_input_or_network_output_is_a_clear_error():
         SliceLabelInferer()(torch.zeros(2, 1, 4, 4, 3), _Counting())
     with pytest.raises(ValueError, match="returned"):
         SliceLabelInferer()(torch.zeros(1, 1, 4, 4, 3), lambda x: torch.zeros(x.shape[0], 2, 2, 2))
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_kept_probabilities_are_the_softmax_of_slice_inferer(reuse):
+    vol, net = _volume(), _Counting()
+    with torch.no_grad():
+        scores = SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=4)(vol, net)
+        inferer = SliceLabelInferer(sw_batch_size=3, reuse_constant_slices=reuse, keep_probabilities=True)
+        inferer(vol, net)
+    kept = inferer.last_probabilities
+    assert kept.dtype == torch.uint8 and kept.shape == (3, 12, 10, 9)
+    assert (kept.float() / 255 - torch.softmax(scores[0], 0)).abs().max() <= 0.5 / 255 + 1e-6
+    inferer.keep_probabilities = False
+    with torch.no_grad():
+        inferer(vol, net)
+    assert inferer.last_probabilities is None  # memory is only spent when asked for

@@ -45,12 +45,19 @@ def _evaluate(pred: str, label: str, protocol: str = "transunet", out: str = "ev
 
 
 def _infer(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int | None = None,
-           precision: str | None = None, engine: str = "eager") -> None:
+           precision: str | None = None, engine: str = "eager", overlay: bool = False,
+           save_probabilities: bool = False) -> None:
     """Segment INPUT (file or folder) with BUNDLE; write label volumes to OUTPUT. --precision auto
     (default: bf16 only on hardware with native bf16, else fp32) | fp32 | bf16; --batch N slices per
     forward pass (default: the bundle's inference.yaml); --engine eager (default, PyTorch) | openvino
     (faster per volume in fp32; the model is exported and compiled once into ~/.cache/samora) |
     compile | torchscript | onnxruntime (the last two need `export --format` first).
+
+    Each finished volume prints the volume of every class in mL. --overlay also writes
+    OUTPUT/<name>_overlay.png (axial and coronal slices with the labels painted over the image, as
+    the model saw it); --save_probabilities writes OUTPUT/<name>_probabilities.nii.gz, the per-class
+    softmax on the input grid (4-D, X x Y x Z x classes; stored as uint8 with scale 1/255, since
+    NIfTI has no float16: readers return floats in [0, 1]).
 
     Stopped at any point (Ctrl-C, kill, full disk), a run leaves only complete label files in OUTPUT
     (each appears when written in full); run the same command again without --overwrite to skip the
@@ -60,7 +67,7 @@ def _infer(bundle: str, input: str, output: str, weights: str | None = None, ove
     OUTPUT) one `error:` line and exit status 2. Volumes above SAMORA_MAX_VOXELS voxels (default
     2e9) are refused from their header, before they are read."""
     inference.main(bundle=bundle, input=input, output=output, weights=weights, overwrite=overwrite, batch=batch,
-                   precision=precision, engine=engine)
+                   precision=precision, engine=engine, overlay=overlay, save_probabilities=save_probabilities)
 
 
 def _train(bundle: str = "bundles/samora_ct", quick: bool = False, profile: str | None = None, **overrides) -> None:
@@ -70,12 +77,13 @@ def _train(bundle: str = "bundles/samora_ct", quick: bool = False, profile: str 
 
 
 def _convert(kind: str, src: str, out: str | None = None, validation: int = 0, labeled: int | None = None,
-             modality: str = "ct") -> None:
+             modality: str = "ct", append: bool = False) -> None:
     """Write DATALIST (default SRC/datalist.json) for --kind la|promise12|synapse|amos|totalseg. LA and
     PROMISE12: --labeled N scans train (the few-shot budget: 4 / 3), --validation N further labeled
     scans from outside the budget validate. CT kinds write Synapse-8 label copies when the source uses
-    other ids (--modality all keeps AMOS MR cases)."""
-    datalists.main(kind, src, out, validation, labeled, modality=modality)
+    other ids (--modality all keeps AMOS MR cases). --append True adds the cases to the datalist
+    already at OUT (e.g. AMOS slabs, then a TotalSegmentator subject: one CT training set)."""
+    datalists.main(kind, src, out, validation, labeled, modality=modality, append=append)
 
 
 def _pretrain(bundle: str = "bundles/samora_ct", level: str = "all", quick: bool = False,

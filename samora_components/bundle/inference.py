@@ -9,6 +9,12 @@ A folder run can be stopped at any point (Ctrl-C, a kill, a full disk): every la
 output folder is then complete, because each one appears only when it has been written in full.
 Running the same command again without ``--overwrite`` skips the volumes whose label file exists and
 segments the rest (the hidden temporary file of a killed run is removed then).
+
+Beside each label file ``<stem>.nii.gz``, on request: ``<stem>_overlay.png`` (a montage of axial and
+coronal slices with the labels painted over the image, as the model saw it) and
+``<stem>_probabilities.nii.gz`` (the per-class softmax on the input grid, 4-D X x Y x Z x K). Both are
+written before the label file, so a label file means its extras are complete. Each volume's label
+volumes in millilitres are printed as it finishes.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import LoadImaged
+from monai.transforms import Invertd, LoadImaged
 from monai.utils import ImageMetaKey
 from tqdm import tqdm
 
@@ -40,12 +46,29 @@ from samora_components.data.io import (
     volume_meta,
     volume_stem,
 )
+from samora_components.data.transforms import CTWindowd
+from samora_components.metrics.plots import label_montage
 from samora_components.networks.precision import check_precision
 from samora_components.utils import WriteError, atomic_path, first_line, keep_freed_memory, remove_stale_partials
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BundlePredictor", "check_output", "find_volumes", "output_path", "predict_file", "main"]
+__all__ = ["BundlePredictor", "Prediction", "check_output", "find_volumes", "label_volumes_ml", "output_path",
+           "predict_file", "main"]
+
+
+@dataclass
+class Prediction:
+    """One volume's result.
+
+    ``labels``: (X, Y, Z) uint8 on the file's grid. ``probabilities``: (K, X, Y, Z) uint8 softmax x 255 on
+    the file's grid, when asked for. ``view``: what the model saw, when asked for: the preprocessed image
+    and its labels, both (X', Y', Z') in RAS, and their voxel spacing in mm.
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None = None
+    view: tuple[np.ndarray, np.ndarray, tuple[float, float, float]] | None = None
 
 
 @dataclass
@@ -57,6 +80,7 @@ class BundlePredictor:
     inferer: object
     postprocessing: object
     device: torch.device
+    class_names: list[str] | None = None
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, weights: str | None = None, batch: int | None = None,
@@ -82,6 +106,8 @@ class BundlePredictor:
         network = parser.get_parsed_content("network")
         load_weights(network, weights)  # one-line errors for corrupt files and weights of another network
         network.eval()
+        card = read_model_card(weights)
+        class_names = card.get("class_names") or parser.get("class_names")
         if engine != "eager":
             network = build_engine(network, engine, weights, int(parser.get_parsed_content("inferer#sw_batch_size")))
         return cls(
@@ -90,12 +116,26 @@ class BundlePredictor:
             inferer=parser.get_parsed_content("inferer"),
             postprocessing=parser.get_parsed_content("postprocessing"),
             device=parser.get_parsed_content("device"),
+            class_names=[str(n) for n in class_names] if class_names else None,
         )
 
-    @torch.no_grad()
+    @property
+    def display_window(self) -> tuple[float, float] | None:
+        """Grey range of the preprocessed image for overlays: [0, 1] after the CT window, else None
+        (percentiles)."""
+        transforms = getattr(self.preprocessing, "transforms", ())
+        return (0.0, 1.0) if any(isinstance(t, CTWindowd) for t in transforms) else None
+
     def __call__(self, path: str, volume: Volume | None = None) -> np.ndarray:
         """Label array (uint8) for one volume file, on the file's own voxel grid. ``volume``: the
         file already read (:func:`read_volume`), so that it is not read again."""
+        return self.predict(path, volume).labels
+
+    @torch.no_grad()
+    def predict(self, path: str, volume: Volume | None = None, probabilities: bool = False,
+                view: bool = False) -> Prediction:
+        """Labels of one volume file (see :class:`Prediction`), with its class probabilities and the
+        model's view of it when asked for; ``volume`` as for ``__call__``."""
         transforms = getattr(self.preprocessing, "transforms", ())
         if volume is not None and transforms and isinstance(transforms[0], LoadImaged):
             meta = {**volume_meta(volume), ImageMetaKey.FILENAME_OR_OBJ: str(path)}
@@ -104,9 +144,31 @@ class BundlePredictor:
                                       start=1)  # what LoadImaged would have given
         else:
             data = self.preprocessing({"image": path})
-        data["pred"] = self.inferer(data["image"].unsqueeze(0).to(self.device), self.network)[0].cpu()
+        keep = getattr(self.inferer, "keep_probabilities", None)
+        if probabilities and keep is None:
+            raise ValueError("this bundle's inferer cannot keep class probabilities (needs SliceLabelInferer)")
+        if keep is not None:
+            self.inferer.keep_probabilities = probabilities
+        try:
+            data["pred"] = self.inferer(data["image"].unsqueeze(0).to(self.device), self.network)[0].cpu()
+        finally:
+            if keep is not None:
+                self.inferer.keep_probabilities = keep
+        seen = None
+        if view:
+            image = data["image"]
+            spacing = tuple(float(v) for v in np.asarray(image.pixdim)[:3]) if isinstance(image, MetaTensor) else (1.0,) * 3
+            seen = (np.asarray(image[0].detach().cpu().numpy(), dtype=np.float32),
+                    np.asarray(data["pred"][0].detach().cpu().numpy(), dtype=np.uint8), spacing)
+        if probabilities:
+            data["prob"] = MetaTensor(self.inferer.last_probabilities)
+            self.inferer.last_probabilities = None
         data = self.postprocessing(data)
-        return np.asarray(data["pred"].detach().cpu().numpy()[0], dtype=np.uint8)
+        result = Prediction(np.asarray(data["pred"].detach().cpu().numpy()[0], dtype=np.uint8), view=seen)
+        if probabilities:  # the same inversion as the labels (orientation: permutes and flips, no interpolation)
+            inverted = Invertd(keys="prob", transform=self.preprocessing, orig_keys="image", nearest_interp=True)(data)
+            result.probabilities = np.asarray(inverted["prob"].detach().cpu().numpy(), dtype=np.uint8)
+        return result
 
 
 def find_volumes(path: str | Path) -> list[Path]:
@@ -131,34 +193,85 @@ def output_path(source: Path, output: Path) -> Path:
     return output / f"{volume_stem(source)}.nii.gz"
 
 
-def save_like(label: np.ndarray, source: Path, target: Path, affine: np.ndarray | None = None) -> None:
-    """Write ``label`` with the source's affine (and NIfTI header when the source is NIfTI), atomically;
-    ``affine``: the source's, when it has been read already (other formats)."""
+def _nifti_like(array: np.ndarray, source: Path, affine: np.ndarray | None, dtype: type) -> nib.Nifti1Image:
+    """``array`` as a NIfTI image on the source's grid: its affine, and its header codes when it is NIfTI."""
     if source.name.endswith((".nii", ".nii.gz")):
         ref = nib.load(str(source))
         header = ref.header.copy()
-        header.set_data_dtype(np.uint8)
+        header.set_data_dtype(dtype)
         header.set_slope_inter(1, 0)
-        img = nib.Nifti1Image(label, ref.affine, header)
+        img = nib.Nifti1Image(array, ref.affine, header)
         img.set_qform(*ref.get_qform(coded=True))
         img.set_sform(*ref.get_sform(coded=True))
-    else:
-        img = nib.Nifti1Image(label, read_volume(source).affine if affine is None else affine)
+        return img
+    return nib.Nifti1Image(array, read_volume(source).affine if affine is None else affine)
+
+
+def save_like(label: np.ndarray, source: Path, target: Path, affine: np.ndarray | None = None) -> None:
+    """Write ``label`` with the source's affine (and NIfTI header when the source is NIfTI), atomically;
+    ``affine``: the source's, when it has been read already (other formats)."""
+    img = _nifti_like(label, source, affine, np.uint8)
     with atomic_path(target) as tmp:
         nib.save(img, str(tmp))
 
 
-def predict_file(predictor: BundlePredictor, source: Path, target: Path) -> np.ndarray:
-    """Check, segment and save one volume (read once); raises :class:`VolumeError` for unusable input."""
+def save_probabilities(probabilities: np.ndarray, source: Path, target: Path, affine: np.ndarray | None = None) -> None:
+    """Write class probabilities (K, X, Y, Z) uint8 (x 255) as a 4-D NIfTI (X, Y, Z, K) on the source's
+    grid, atomically. NIfTI-1 has no float16 type: values are stored as uint8 with scale 1/255, so
+    every reader (nibabel's ``get_fdata``, ITK, 3D Slicer) returns probabilities in [0, 1]."""
+    array = np.ascontiguousarray(np.moveaxis(probabilities, 0, -1))
+    img = _nifti_like(array, source, affine, np.uint8)
+    img.header.set_slope_inter(1.0 / 255.0, 0.0)
+    img.header["intent_name"] = b"probabilities"
+    with atomic_path(target) as tmp:
+        nib.save(img, str(tmp))
+
+
+def extra_paths(target: Path) -> dict[str, Path]:
+    """Files written beside the label file ``target`` on request: overlay PNG and probabilities."""
+    stem = target.name[: -len(".nii.gz")] if target.name.endswith(".nii.gz") else target.stem
+    return {"overlay": target.with_name(f"{stem}_overlay.png"),
+            "probabilities": target.with_name(f"{stem}_probabilities.nii.gz")}
+
+
+def label_volumes_ml(label: np.ndarray, affine: np.ndarray, class_names: list[str] | None = None,
+                     num_classes: int | None = None) -> dict[str, float]:
+    """Volume in millilitres of every foreground class of a label map (X, Y, Z) whose voxel-to-mm map is
+    ``affine``; classes named by ``class_names`` (background first), else ``class_<id>``."""
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    counts = np.bincount(np.asarray(label, dtype=np.uint8).ravel(), minlength=256)
+    count = len(class_names) if class_names else (num_classes or int(np.flatnonzero(counts).max(initial=0)) + 1)
+    names = list(class_names) if class_names else [f"class_{c}" for c in range(count)]
+    return {names[c]: round(float(counts[c]) * voxel_ml, 1) for c in range(1, count)}
+
+
+def predict_file(predictor: BundlePredictor, source: Path, target: Path, overlay: bool = False,
+                 probabilities: bool = False, report: bool = False) -> np.ndarray:
+    """Check, segment and save one volume (read once); raises :class:`VolumeError` for unusable input.
+    ``overlay`` / ``probabilities``: also write the files of :func:`extra_paths` (before the label);
+    ``report``: print the volume of each class in mL."""
     volume = read_volume(source)
     array = check_volume(np.asarray(volume.array), str(source))
     try:
-        label = predictor(str(source), Volume(array, volume.affine, volume.intensity))  # (X, Y, Z), read once
+        result = predictor.predict(str(source), Volume(array, volume.affine, volume.intensity),
+                                   probabilities=probabilities, view=overlay)  # (X, Y, Z), read once
     except Exception as err:
         raise VolumeError(f"{source}: inference failed ({first_line(err)})") from err
+    label = result.labels
     if label.shape != array.shape:
         raise VolumeError(f"{source}: prediction shape {label.shape} differs from the image {array.shape}")
+    extras = extra_paths(target)
+    if probabilities:
+        save_probabilities(result.probabilities, source, extras["probabilities"], volume.affine)
+    if overlay:
+        image, labels, spacing = result.view
+        names = dict(enumerate(predictor.class_names)) if predictor.class_names else None
+        label_montage(image, labels, spacing, extras["overlay"], class_names=names, window=predictor.display_window,
+                      title=volume_stem(source))
     save_like(label.reshape(volume.array.shape), source, target, volume.affine)
+    if report:
+        volumes = label_volumes_ml(label, volume.affine, predictor.class_names)
+        tqdm.write(f"{volume_stem(source)}: " + ", ".join(f"{name} {ml:.1f} mL" for name, ml in volumes.items()))
     return label
 
 
@@ -189,7 +302,8 @@ def check_output(input: Path, sources: list[Path], output: Path) -> None:
 
 
 def main(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int | None = None,
-         precision: str | None = None, engine: str = "eager") -> None:
+         precision: str | None = None, engine: str = "eager", overlay: bool = False,
+         save_probabilities: bool = False) -> None:
     """CLI: segment a file or folder; one error line per bad input, non-zero exit if any failed (the
     CLI reports errors that stop the whole run, such as a missing bundle, in one line)."""
     sources = find_volumes(input)
@@ -209,7 +323,7 @@ def main(bundle: str, input: str, output: str, weights: str | None = None, overw
             skipped += 1
             continue
         try:
-            predict_file(predictor, source, target)
+            predict_file(predictor, source, target, overlay=overlay, probabilities=save_probabilities, report=True)
             written.append(target)
         except VolumeError as err:
             print(f"error: {err}", file=sys.stderr)

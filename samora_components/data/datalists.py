@@ -1,7 +1,10 @@
 """Datalists for public MR and CT releases laid out as downloaded (SPEC §7).
 
 ``python -m samora_components convert --kind la|promise12|synapse|amos|totalseg --src DIR
-[--out DIR/datalist.json] [--validation N] [--labeled N]``
+[--out DIR/datalist.json] [--validation N] [--labeled N] [--append True]``
+
+``--append True`` adds the converted cases to the datalist already at ``--out`` (one training set from
+several releases, e.g. AMOS slabs + a TotalSegmentator subject); both must be CT, or the same MR kind.
 
 A datalist has the sections ``training``, ``validation``, ``test`` (items ``{"image", "label"}``)
 and ``unlabeled`` (items ``{"image"}``, the stage-1 pool), plus ``name``, ``kind`` (ct|mr) and
@@ -82,6 +85,7 @@ __all__ = [
     "totalseg_datalist",
     "build_datalist",
     "write_datalist",
+    "merge_datalists",
     "main",
     "KINDS",
     "LABELS_DIR",
@@ -518,6 +522,46 @@ def write_datalist(content: dict, out: str | Path) -> Path:
     return write_json(out, _relative(content, out.parent))
 
 
+def merge_datalists(old: dict, new: dict) -> dict:
+    """``old`` with the cases of ``new`` added to each section (``convert --append``).
+
+    Raises:
+        ValueError: the two differ in kind, classes or intensity, or share an image (a case twice).
+    """
+    for key in ("kind", "classes", "intensity"):
+        if old.get(key) != new.get(key):
+            raise ValueError(f"--append: the existing datalist has {key} {old.get(key)!r}, the new cases "
+                             f"{new.get(key)!r}; write them to separate datalists")
+    merged = dict(old)
+    seen = {os.path.realpath(item["image"]) for section in ("training", "validation", "test")
+            for item in old.get(section, [])}
+    for section in ("training", "validation", "test", "unlabeled"):
+        items = list(old.get(section, []))
+        have = {os.path.realpath(item["image"]) for item in items}
+        for item in new.get(section, []):
+            image = os.path.realpath(item["image"])
+            if section != "unlabeled" and image in seen:
+                raise ValueError(f"--append: {item['image']} is already in the datalist")
+            if image not in have:
+                items.append(item)
+                have.add(image)
+        merged[section] = items
+    merged["name"] = f"{old.get('name', '?')} + {new.get('name', '?')}"
+    sources = [s for s in (old.get("label_source"), new.get("label_source")) if s]
+    if sources:
+        merged["label_source"] = "+".join(dict.fromkeys("+".join(sources).split("+")))
+    return merged
+
+
+def _absolute(content: dict, base: Path) -> dict:
+    """Datalist read from a file in ``base`` with its relative paths made absolute."""
+    out = dict(content)
+    for section in ("training", "validation", "test", "unlabeled"):
+        out[section] = [{k: str((base / v).resolve()) if isinstance(v, str) else v for k, v in item.items()}
+                        for item in content.get(section, [])]
+    return out
+
+
 _MR_KINDS = {"la": (la_datalist, 4), "promise12": (promise12_datalist, 3)}
 _CT_KINDS = {"synapse": synapse_datalist, "amos": amos_datalist, "totalseg": totalseg_datalist}
 KINDS = (*_MR_KINDS, *_CT_KINDS)
@@ -544,14 +588,25 @@ def build_datalist(kind: str, src: str | Path, labels_dir: str | Path, validatio
 
 
 def main(kind: str, src: str, out: str | None = None, validation: int = 0, labeled: int | None = None,
-         modality: str = "ct") -> None:
-    """CLI entry: write the datalist (default ``SRC/datalist.json``) and print a one-line summary.
+         modality: str = "ct", append: bool = False) -> None:
+    """CLI entry: write the datalist (default ``SRC/datalist.json``) and print a one-line summary;
+    ``append``: add the cases to the datalist already at ``out``.
 
     Errors print one ``error: ...`` line to stderr and exit with status 2.
     """
     path = Path(out) if out else Path(src) / "datalist.json"
     labels_dir = path.parent / LABELS_DIR
+    old = None
+    if append:
+        if not path.is_file():
+            raise FileNotFoundError(f"--append: no datalist at {path} to add to (run convert once without --append)")
+        try:
+            old = _absolute(json.loads(path.read_text()), path.parent)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise ValueError(f"--append: {path} is not a datalist ({err})") from None
     content = build_datalist(kind, src, labels_dir, validation, labeled, modality)
+    if old is not None:
+        content = merge_datalists(old, content)
     write_datalist(content, path)
     counts = ", ".join(f"{len(content[s])} {s}" for s in ("training", "validation", "test", "unlabeled"))
     remapped = f"; labels remapped ({content['label_source']}) into {labels_dir}" if "label_source" in content else ""

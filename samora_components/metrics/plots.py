@@ -26,7 +26,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from samora_components.utils import atomic_path  # noqa: E402
 
-__all__ = ["bar_chart", "overlay", "overlay_grid", "choose_slices", "save_figure", "line_plot"]
+__all__ = ["bar_chart", "overlay", "overlay_grid", "choose_slices", "label_montage", "save_figure", "line_plot"]
 
 _UNITS = {"transunet": "voxels", "spacing": "mm"}
 _ANNOTATE_MAX = 30  # bars labelled with their value up to this many classes
@@ -240,3 +240,76 @@ def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: s
     if len(series) > 1:
         ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def _coronal_slices(labels: np.ndarray, n: int) -> list[int]:
+    """``n`` coronal indices y of a RAS label volume (X, Y, Z) with the most foreground (middle first)."""
+    return choose_slices(np.moveaxis(np.asarray(labels), 1, 2), n)
+
+
+def _filled(labels2d: np.ndarray, classes: dict[int, str], alpha: float) -> tuple[set[int], np.ndarray]:
+    """An RGBA layer (H, W, 4) painting each class of ``labels2d`` (H, W) in its colour, and the ids painted."""
+    rgba = np.zeros(labels2d.shape + (4,), np.float32)
+    drawn = set()
+    for index, class_id in enumerate(classes):
+        mask = labels2d == class_id
+        if mask.any():
+            rgba[mask] = (*_colour(index)[:3], alpha)
+            drawn.add(class_id)
+    return drawn, rgba
+
+
+def label_montage(
+    image: np.ndarray,
+    labels: np.ndarray,
+    spacing: Sequence[float],
+    path: str | os.PathLike,
+    class_names: Mapping[int, str] | None = None,
+    window: tuple[float, float] | None = None,
+    axial: int = 3,
+    coronal: int = 2,
+    title: str = "",
+    alpha: float = 0.45,
+) -> list[tuple[str, int]]:
+    """A montage to check a segmentation at a glance: ``axial`` axial and ``coronal`` coronal slices of
+    a RAS volume ``image`` (X, Y, Z) with the label map ``labels`` (X, Y, Z) painted over it.
+
+    Slices are those with the most labelled voxels (the middle of the volume when nothing is labelled);
+    coronal slices keep the true voxel aspect (``spacing``: mm along X, Y, Z). ``window``: the grey
+    range (e.g. a CT soft-tissue window in HU); default the 1st-99th percentile. Returns the slices
+    drawn as ``("axial" | "coronal", index)``; the PNG goes to ``path`` (written atomically).
+    """
+    image, labels = np.asarray(image), np.asarray(labels)
+    if image.ndim != 3 or image.shape != labels.shape:
+        raise ValueError(f"label_montage needs an image and labels of one 3-D shape, got {image.shape} and {labels.shape}")
+    classes = _class_list(class_names, labels)
+    classes = {c: n for c, n in classes.items() if c > 0}
+    low, high = window if window is not None else _display_range(image)
+    sx, sy, sz = (float(v) for v in spacing)
+    views = [("axial", z) for z in choose_slices(labels, axial)]
+    views += [("coronal", y) for y in _coronal_slices(labels, coronal)]
+    fig, axes = plt.subplots(1, len(views), figsize=(3.4 * len(views), 3.8), squeeze=False)
+    drawn: set[int] = set()
+    for ax, (view, k) in zip(axes[0], views):
+        if view == "axial":  # rows: anterior up; columns: patient's right on the viewer's left
+            grey, lab, aspect = image[:, :, k].T, labels[:, :, k].T, sy / sx
+        else:  # rows: superior up
+            grey, lab, aspect = image[:, k, :].T, labels[:, k, :].T, sz / sx
+        ax.imshow(grey, cmap="gray", origin="lower", vmin=low, vmax=high, aspect=aspect, interpolation="nearest")
+        shown, rgba = _filled(lab, classes, alpha)
+        ax.imshow(rgba, origin="lower", aspect=aspect, interpolation="nearest")
+        drawn |= shown
+        ax.invert_xaxis()
+        ax.set_title(f"{view} {k}", fontsize=9)
+        ax.set_axis_off()
+    handles = [Line2D([], [], color=_colour(i), linewidth=6, label=name)
+               for i, (c, name) in enumerate(_class_list(class_names, labels).items()) if c in drawn]
+    if handles:
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    else:
+        fig.text(0.5, 0.02, "no label in this volume", ha="center", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return views
