@@ -23,7 +23,7 @@ ALLOWED = {
                       "img_size", "num_classes", "class_names", "inferer"},
 }
 SHARED = ("cpt_mae.yaml", "cpt_simclr.yaml", "pretrain_image.yaml", "pretrain_patch.yaml", "pretrain_pixel.yaml",
-          "quick.yaml", "quick_pretrain.yaml", "multi_gpu_train.yaml", "logging.conf")
+          "quick.yaml", "quick_pretrain.yaml", "multi_gpu_train.yaml", "multi_gpu_pretrain.yaml", "logging.conf")
 
 
 @pytest.mark.parametrize("name", sorted(ALLOWED))

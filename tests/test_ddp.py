@@ -178,3 +178,101 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, mr_ph
     assert "Epoch[1] Complete" in logs[0] and "Epoch[" not in logs[1]  # engines' reports: rank 0 only
     assert "ignite.engine" not in logs[1] and "samora_components" not in logs[1]
     assert "train [1/2]" in logs[0] and "train [1/2]" not in logs[1]
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+class ObjectiveProbe(RankProbe):
+    """RankProbe for stage 1: the objective's trainable weights (its expert and head) per epoch."""
+
+    def _weights(self, engine) -> None:
+        weights = {k: v.detach().clone() for k, v in self.network.named_parameters() if v.requires_grad}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"weights": weights, "indices": self.indices, "iteration": engine.state.iteration},
+                   self.folder / f"rank{self.rank}_epoch{engine.state.epoch}.pt")
+
+
+def _stage1_settings(root: Path, datalist: str, probe: Path, **extra) -> dict:
+    """Patch-level expert on the tiny backbone with a tiny MAE teacher (random weights: DDP starts every
+    rank from rank 0's), the phantom's training images as the pool, no augmentation."""
+    return {
+        "bundle_root": str(root), "datalist": datalist, "pool_section": "training", "backbone": "tiny_tinyvit",
+        "backbone_checkpoint": "", "img_size": 32, "fit_windows": True, "teacher_config": "tiny",
+        "epochs": EPOCHS, "warmup_epochs": 0, "batch_size": BATCH, "lr_scaling": "none", "base_lr": 1e-3,
+        "pool_slice_transforms": {"_target_": "Resized", "keys": "image", "spatial_size": [32, 32]},
+        "probe": {"_target_": "test_ddp.ObjectiveProbe", "network": "@objective", "sampler": "@sampler",
+                  "folder": str(probe)},
+        "run": ["$samora_components.bundle.workflow.attach_handlers(@trainer, @handlers)",
+                "$@trainer.add_event_handler(ignite.engine.Events.EPOCH_STARTED, lambda e: @sampler.set_epoch(e.state.epoch))",
+                "$@probe.attach(@trainer)",
+                "$@trainer.run(@dataloader, max_epochs=@epochs, epoch_length=@iters_per_epoch)"],
+        **extra,
+    }
+
+
+def test_stage1_handler_indices_of_the_override():
+    """multi_gpu_pretrain.yaml names entries of pretrain.yaml's handler list by index."""
+    override = yaml.safe_load((REPO / "bundles" / "common" / "configs" / "multi_gpu_pretrain.yaml").read_text())
+    for bundle in ("samora_ct", "samora_mr"):
+        config = yaml.safe_load((REPO / "bundles" / bundle / "configs" / "pretrain.yaml").read_text())
+        names = [h if isinstance(h, str) else h["_target_"].rsplit(".", 1)[-1] for h in config["handlers"]]
+        assert names == ["LrScheduleHandler", "StatsHandler", "TensorBoardStatsHandler", "TrainingCheckpoint",
+                         "ProgressBar", "@export", "LossHistory"]
+    skipped = {int(k.split("#")[1]) for k, v in override.items() if k.endswith("#_disabled_") and v == "@not_rank0"}
+    assert skipped == {1, 2, 4, 6} and "process_rank() == 0" in override["handlers#5"]
+
+
+def test_stage1_two_processes_train_the_expert_like_one(tmp_path, mr_phantom):
+    ddp_root, ddp_probe = tmp_path / "ddp", tmp_path / "probe_ddp"
+    settings = tmp_path / "stage1_ddp.yaml"
+    settings.write_text(yaml.safe_dump(_stage1_settings(ddp_root, mr_phantom, ddp_probe)))
+    files = [str(MR / "pretrain.yaml"), str(MR / "pretrain_patch.yaml"), str(MR / "multi_gpu_pretrain.yaml"),
+             str(settings)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--log-dir", str(tmp_path / "logs"), "--redirects", "3",
+               "-m", "monai.bundle", "run", "training", "--config_file", str(files),
+               "--meta_file", str(MR / "metadata.json"), "--logging_file", str(MR / "logging.conf")]
+    torchrun = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = torchrun.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        torchrun.terminate()
+        _, stderr = torchrun.communicate(timeout=60)
+    logs = _rank_logs(tmp_path / "logs")
+    assert torchrun.returncode == 0, stderr[-3000:] + "\n".join(text[-3000:] for text in logs.values())
+
+    ref_root, ref_probe = tmp_path / "one", tmp_path / "probe_one"
+    sampler = {"_target_": "DistributedSampler", "dataset": "@pool", "num_replicas": 1, "rank": 0,
+               "shuffle": True, "even_divisible": True, "seed": "@seed"}
+    reference = tmp_path / "stage1_one.yaml"
+    reference.write_text(yaml.safe_dump(_stage1_settings(ref_root, mr_phantom, ref_probe, sampler=sampler,
+                                                         **{"dataloader#sampler": "@sampler", "dataloader#shuffle": False})))
+    bundle_run(run_id="training", config_file=[str(MR / "pretrain.yaml"), str(MR / "pretrain_patch.yaml"), str(reference)],
+               meta_file=str(MR / "metadata.json"), logging_file=str(MR / "logging.conf"))
+
+    n = len(_load(ref_probe, 0, 1)["indices"])
+    assert n == 16
+    start = _load(ref_probe, 0, 0)["weights"]
+    for epoch in range(0, EPOCHS + 1):
+        ranks = [_load(ddp_probe, rank, epoch) for rank in (0, 1)]
+        one = _load(ref_probe, 0, epoch)
+        assert all(torch.equal(ranks[0]["weights"][k], ranks[1]["weights"][k]) for k in one["weights"])
+        if epoch == 0:
+            assert all(torch.equal(ranks[0]["weights"][k], start[k]) for k in start)
+            continue
+        share0, share1 = ranks[0]["indices"], ranks[1]["indices"]
+        assert not set(share0) & set(share1) and sorted(share0 + share1) == list(range(n))
+        assert share0 == one["indices"][0::2] and share1 == one["indices"][1::2]
+        assert ranks[0]["iteration"] == one["iteration"] == epoch * n // BATCH
+        change = max(float((one["weights"][k] - start[k]).abs().max()) for k in start)
+        diff = max(float((ranks[0]["weights"][k] - one["weights"][k]).abs().max()) for k in start)
+        assert change > 1e-4 and diff <= RELATIVE_TOLERANCE * change, (epoch, diff, change)
+
+    def written(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)).split(".tfevents")[0] for p in root.rglob("*") if p.is_file())
+    assert written(ddp_root) == written(ref_root)
+    assert (ddp_root / "models" / "experts" / "lora_patch.safetensors").is_file()
+    assert "written to" in logs[0] and "written to" not in logs[1]
+    assert "Epoch[" not in logs[1] and "patch [1/2]" not in logs[1]

@@ -77,8 +77,11 @@ def per_rank_batch(batch_size: int) -> int:
 
 
 def attach_handlers(engine, handlers: Sequence) -> None:
-    """Attach handlers to an engine built directly from Ignite (stage 1), in order."""
+    """Attach handlers to an engine built directly from Ignite (stage 1), in order; None entries
+    (a handler that this process does not run) are skipped."""
     for handler in handlers:
+        if handler is None:
+            continue
         handler.attach(engine)
 
 

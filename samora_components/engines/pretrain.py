@@ -305,7 +305,8 @@ class PretrainStep:
     """Ignite process function shared by every stage-1 objective.
 
     Args:
-        objective: module mapping the batch tensors named by ``keys`` to a scalar loss.
+        objective: module mapping the batch tensors named by ``keys`` to a scalar loss (or a
+            ``DistributedDataParallel`` wrapping one: ``multi_gpu_pretrain.yaml``).
         optimizer: optimizer over ``objective.trainable_parameters()``.
         device: where batches go.
         keys: batch keys passed to the objective, in order (``["image"]``, or ``["view1", "view2"]``).
@@ -331,7 +332,8 @@ class PretrainStep:
             raise FloatingPointError(f"stage-1 loss is {loss.item()} at iteration {engine.state.iteration}")
         loss.backward()
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.objective.trainable_parameters(), self.grad_clip)
+            objective = getattr(self.objective, "module", self.objective)  # DistributedDataParallel wraps it
+            torch.nn.utils.clip_grad_norm_(objective.trainable_parameters(), self.grad_clip)
         self.optimizer.step()
         return {"loss": float(loss.detach())}
 
