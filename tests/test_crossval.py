@@ -58,3 +58,13 @@ def test_leave_one_out_scores_every_volume_and_resumes(phantom, tmp_path, monkey
     monkeypatch.setattr(crossval.workflow, "run_config", no_training)
     cli(argv)
     assert (out / "lovo.md").read_text() == table
+
+
+def test_an_unknown_fold_is_a_one_line_error(phantom, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["lovo", "--bundle", "bundles/samora_ct", "--datalist", phantom, "--out", str(tmp_path / "x"),
+             "--folds", "nope"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --folds nope: not a training volume") and "\n" not in err
+    assert not (tmp_path / "x").exists()

@@ -159,11 +159,14 @@ def _dice_plot(table: dict, path: Path) -> None:
 
 
 def leave_one_out(bundle: str, datalist: str, out: str, methods: str | Sequence[str] = ("samed", "samora"),
-                  profile: str | Sequence[str] | None = None, pretrain: bool = True, **overrides) -> dict:
+                  profile: str | Sequence[str] | None = None, pretrain: bool = True,
+                  folds: str | Sequence[str] | None = None, **overrides) -> dict:
     """Run every fold and method (see the module docstring); returns the table of :func:`_table`.
 
     ``overrides``: training config values for every run (e.g. ``epochs``); ``pretrain=False`` uses
-    experts already in ``OUT/fold_<case>/models/experts`` instead of running stage 1.
+    experts already in ``OUT/fold_<case>/models/experts`` instead of running stage 1; ``folds``: the
+    held-out volumes (names without suffix) to run now, to spread a study over several sittings (the
+    table holds every fold finished so far).
     """
     methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
     content = json.loads(Path(datalist).read_text())
@@ -175,15 +178,22 @@ def leave_one_out(bundle: str, datalist: str, out: str, methods: str | Sequence[
     if not names:
         raise ValueError(f"{datalist}: no 'classes' list (background first) to name the organs")
     out_dir = Path(out)
-    folds = [volume_stem(item["image"]) for item in training]
-    if len(set(folds)) != len(folds):
-        raise ValueError(f"{datalist}: two training volumes share a name ({', '.join(folds)})")
-    for index, (case, held) in enumerate(zip(folds, training)):
+    names_all = [volume_stem(item["image"]) for item in training]
+    if len(set(names_all)) != len(names_all):
+        raise ValueError(f"{datalist}: two training volumes share a name ({', '.join(names_all)})")
+    chosen = [f.strip() for f in folds.split(",")] if isinstance(folds, str) else list(folds or names_all)
+    unknown = [f for f in chosen if f not in names_all]
+    if unknown:
+        raise ValueError(f"--folds {', '.join(unknown)}: not a training volume of {datalist} ({', '.join(names_all)})")
+    for index, (case, held) in enumerate(zip(names_all, training)):
+        if case not in chosen:
+            continue
         fold = out_dir / f"fold_{case}"
         write_json(fold / "datalist.json", fold_datalist(content, training, index))
         for method in methods:
-            logger.info("fold %d/%d (%s held out): %s", index + 1, len(folds), case, method)
+            logger.info("fold %d/%d (%s held out): %s", index + 1, len(names_all), case, method)
             _run_fold(bundle, fold, method, profile, pretrain, names, held, overrides)
+    folds = [f for f in names_all if (out_dir / f"fold_{f}").is_dir()]
     table = _table(out_dir, folds, methods, names)
     write_json(out_dir / "lovo.json", {"folds": folds, "methods": methods, "table": table})
     (out_dir / "lovo.md").write_text(format_markdown(table, folds))
