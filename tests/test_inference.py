@@ -258,3 +258,19 @@ def test_class_volumes_in_millilitres():
     volumes = label_volumes_ml(label, affine, ["background", "a", "b", "c"])
     assert volumes == {"a": 0.4, "b": 0.0, "c": 0.5}
     assert label_volumes_ml(label, affine) == {"class_1": 0.4, "class_2": 0.0, "class_3": 0.5}
+
+
+def test_any_hu_storage_gives_the_same_labels(bundle, tmp_path):
+    """The same CT stored as int16 HU, as uint16 with intercept -1024 (scanner export) and as float32:
+    identical label maps."""
+    hu = np.round(_volume(seed=4)).astype(np.int16)
+    affine = np.diag([0.7, 0.7, 3.0, 1.0])
+    paths = {"int16": _save(hu, affine, tmp_path / "a.nii.gz"), "float32": _save(hu.astype(np.float32), affine, tmp_path / "c.nii.gz")}
+    img = nib.Nifti1Image((hu.astype(np.int32) + 1024).astype(np.uint16), affine)
+    img.header.set_slope_inter(1.0, -1024.0)
+    nib.save(img, str(tmp_path / "b.nii.gz"))
+    paths["uint16+intercept"] = tmp_path / "b.nii.gz"
+    predictor = BundlePredictor.from_bundle(bundle, batch=8)
+    labels = {kind: predictor(str(path)) for kind, path in paths.items()}
+    assert len(np.unique(labels["int16"])) > 1
+    assert all(np.array_equal(labels["int16"], other) for other in labels.values())
