@@ -274,3 +274,30 @@ def test_any_hu_storage_gives_the_same_labels(bundle, tmp_path):
     labels = {kind: predictor(str(path)) for kind, path in paths.items()}
     assert len(np.unique(labels["int16"])) > 1
     assert all(np.array_equal(labels["int16"], other) for other in labels.values())
+
+
+def test_montage_paints_each_class_in_its_legend_colour(tmp_path):
+    """A label painted over a flat image has the colour its legend entry shows."""
+    import matplotlib.image
+
+    from samora_components.metrics.plots import _colour, label_montage
+
+    labels = np.zeros((60, 60, 5), np.uint8)
+    labels[5:25, 5:25] = 2  # class 2 only: its colour sits at position 2 of [background, a, b]
+    label_montage(np.zeros((60, 60, 5), np.float32), labels, (1.0, 1.0, 1.0), tmp_path / "m.png",
+                  class_names={0: "background", 1: "a", 2: "b"}, window=(0.0, 1.0), alpha=1.0, coronal=0)
+    png = matplotlib.image.imread(str(tmp_path / "m.png"))[..., :3]
+    expected = np.asarray(_colour(2)[:3], dtype=np.float32)
+    assert (np.abs(png - expected).max(-1) < 0.02).sum() > 100
+    for wrong in (1, 3):
+        assert (np.abs(png - np.asarray(_colour(wrong)[:3], dtype=np.float32)).max(-1) < 0.02).sum() < 20
+
+
+def test_montage_slices_spread_over_the_labelled_extent():
+    from samora_components.metrics.plots import spread_slices
+
+    labels = np.zeros((4, 4, 100), np.uint8)
+    labels[..., 20:81] = 1
+    assert spread_slices(labels, 2, 3) == [35, 50, 65]
+    assert spread_slices(np.zeros((4, 4, 9)), 2, 3) == [4]  # nothing labelled: the middle
+    assert spread_slices(labels[..., 20:23], 2, 5) == [0, 1, 2]  # never more than there are

@@ -26,7 +26,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from samora_components.utils import atomic_path  # noqa: E402
 
-__all__ = ["bar_chart", "overlay", "overlay_grid", "choose_slices", "label_montage", "save_figure", "line_plot"]
+__all__ = ["bar_chart", "overlay", "overlay_grid", "choose_slices", "spread_slices", "label_montage", "save_figure", "line_plot"]
 
 _UNITS = {"transunet": "voxels", "spacing": "mm"}
 _ANNOTATE_MAX = 30  # bars labelled with their value up to this many classes
@@ -242,9 +242,19 @@ def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: s
     save_figure(fig, path)
 
 
-def _coronal_slices(labels: np.ndarray, n: int) -> list[int]:
-    """``n`` coronal indices y of a RAS label volume (X, Y, Z) with the most foreground (middle first)."""
-    return choose_slices(np.moveaxis(np.asarray(labels), 1, 2), n)
+def spread_slices(labels: np.ndarray, axis: int, n: int) -> list[int]:
+    """``n`` distinct indices along ``axis`` of a label volume, spread evenly over the labelled extent
+    (at 1/(n+1), 2/(n+1), ... of the indices holding foreground), so that a montage shows different
+    levels of the anatomy; the middle of the volume when nothing is labelled."""
+    array = np.asarray(labels)
+    counts = np.count_nonzero(array > 0, axis=tuple(i for i in range(array.ndim) if i != axis))
+    labelled = np.flatnonzero(counts)
+    if n <= 0:
+        return []
+    if labelled.size == 0:
+        return [array.shape[axis] // 2]
+    picks = [int(labelled[round((i + 1) * (labelled.size - 1) / (n + 1))]) for i in range(n)]
+    return sorted(set(picks))
 
 
 def _filled(labels2d: np.ndarray, classes: dict[int, str], alpha: float) -> tuple[set[int], np.ndarray]:
@@ -253,7 +263,7 @@ def _filled(labels2d: np.ndarray, classes: dict[int, str], alpha: float) -> tupl
     drawn = set()
     for index, class_id in enumerate(classes):
         mask = labels2d == class_id
-        if mask.any():
+        if class_id > 0 and mask.any():  # background stays unpainted
             rgba[mask] = (*_colour(index)[:3], alpha)
             drawn.add(class_id)
     return drawn, rgba
@@ -274,7 +284,7 @@ def label_montage(
     """A montage to check a segmentation at a glance: ``axial`` axial and ``coronal`` coronal slices of
     a RAS volume ``image`` (X, Y, Z) with the label map ``labels`` (X, Y, Z) painted over it.
 
-    Slices are those with the most labelled voxels (the middle of the volume when nothing is labelled);
+    Slices are spread over the labelled extent (:func:`spread_slices`);
     coronal slices keep the true voxel aspect (``spacing``: mm along X, Y, Z). ``window``: the grey
     range (e.g. a CT soft-tissue window in HU); default the 1st-99th percentile. Returns the slices
     drawn as ``("axial" | "coronal", index)``; the PNG goes to ``path`` (written atomically).
@@ -282,12 +292,11 @@ def label_montage(
     image, labels = np.asarray(image), np.asarray(labels)
     if image.ndim != 3 or image.shape != labels.shape:
         raise ValueError(f"label_montage needs an image and labels of one 3-D shape, got {image.shape} and {labels.shape}")
-    classes = _class_list(class_names, labels)
-    classes = {c: n for c, n in classes.items() if c > 0}
+    classes = _class_list(class_names, labels)  # colours by position in this list, as in the legend
     low, high = window if window is not None else _display_range(image)
     sx, sy, sz = (float(v) for v in spacing)
-    views = [("axial", z) for z in choose_slices(labels, axial)]
-    views += [("coronal", y) for y in _coronal_slices(labels, coronal)]
+    views = [("axial", z) for z in spread_slices(labels, 2, axial)]
+    views += [("coronal", y) for y in spread_slices(labels, 1, coronal)]
     fig, axes = plt.subplots(1, len(views), figsize=(3.4 * len(views), 3.8), squeeze=False)
     drawn: set[int] = set()
     for ax, (view, k) in zip(axes[0], views):
@@ -303,7 +312,7 @@ def label_montage(
         ax.set_title(f"{view} {k}", fontsize=9)
         ax.set_axis_off()
     handles = [Line2D([], [], color=_colour(i), linewidth=6, label=name)
-               for i, (c, name) in enumerate(_class_list(class_names, labels).items()) if c in drawn]
+               for i, (c, name) in enumerate(classes.items()) if c in drawn]
     if handles:
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     else:
