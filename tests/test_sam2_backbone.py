@@ -319,3 +319,43 @@ def test_bundle_trains_sam2_hiera_t_and_its_card_runs_inference(tmp_path, offici
     with torch.no_grad():
         logits = predictor.network(torch.as_tensor(window, dtype=torch.float32).permute(2, 0, 1)[:, None])
     assert (label == logits.argmax(1).permute(1, 2, 0).numpy()).mean() > 0.999
+
+
+def test_hsam_pixel_decoder_takes_sam2_high_resolution_features_as_sam2_does(official):
+    """SAM2 + H-SAM: stage 2's pixel decoder adds conv_s1(stride-8) and conv_s0(stride-4) FPN maps into
+    SAM's upscaling path exactly as SAM2's mask decoder does, with the checkpoint's conv_s0/conv_s1;
+    they train, and switching them off (hsam_high_res false) changes the output."""
+    model, path = official
+    net = SAMoraNet(4, backbone="sam2_hiera_t", img_size=SMALL, checkpoint=str(path), method="samed", decoder="hsam",
+                    hsam_pixel_decoder=False)
+    assert net.high_res and net.architecture["hsam_high_res"] is True
+    pixel = net.decoder.pixel_decoder
+    sam2 = model.sam_mask_decoder
+    assert torch.equal(pixel.conv_s0.weight, sam2.conv_s0.weight) and torch.equal(pixel.conv_s1.bias, sam2.conv_s1.bias)
+    x = torch.rand(2, 3, SMALL, SMALL)
+    with torch.no_grad():
+        embedding, maps = net._bb.trunk_with_skips(net._bb.stem(x))
+        src = torch.randn_like(embedding)
+        ours = pixel(src, None, maps)
+        dc1, ln1, act1, dc2, act2 = sam2.output_upscaling  # SAM2's MaskDecoder.predict_masks
+        theirs = act2(dc2(act1(ln1(dc1(src) + sam2.conv_s1(maps[1])))) + sam2.conv_s0(maps[0]))
+    assert ours.shape == (2, 32, SMALL // 4, SMALL // 4) and torch.allclose(ours, theirs, atol=1e-5)
+
+    net = SAMoraNet(4, backbone="sam2_hiera_t", img_size=SMALL, checkpoint=str(path), method="samed", decoder="hsam")
+    net.train()
+    out = net(torch.rand(2, 1, SMALL, SMALL), torch.randint(0, 4, (2, 1, SMALL, SMALL)))
+    (out.stage1.mean() + out.stage2.mean()).backward()
+    assert net.decoder.pixel_decoder.conv_s0.weight.grad.abs().sum() > 0
+    assert any(k.startswith("decoder.pixel_decoder.conv_s1.") for k in net.state_dict())
+    torch.manual_seed(0)
+    plain = SAMoraNet(4, backbone="sam2_hiera_t", img_size=SMALL, checkpoint=str(path), method="samed",
+                      decoder="hsam", hsam_high_res=False)
+    assert not plain.high_res and not hasattr(plain.decoder.pixel_decoder, "conv_s0")
+    torch.manual_seed(0)
+    with_maps = SAMoraNet(4, backbone="sam2_hiera_t", img_size=SMALL, checkpoint=str(path), method="samed", decoder="hsam")
+    plain.eval(), with_maps.eval()
+    slices = torch.rand(1, 1, SMALL, SMALL)
+    with torch.no_grad():
+        assert not torch.allclose(plain(slices), with_maps(slices))
+    tiny = SAMoraNet(4, backbone="tiny_tinyvit", img_size=32, checkpoint="", method="samed", decoder="hsam")
+    assert not tiny.high_res  # other backbones have no such features: the flag changes nothing there

@@ -62,7 +62,7 @@ class ModelCore(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.decoder(self.net.embed(x)).float()
+        return self.net.core(x).float()
 
 
 class EngineNet(nn.Module):

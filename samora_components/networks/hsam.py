@@ -337,12 +337,22 @@ class HierarchicalPixelDecoder(nn.Module):
     and halve the width: E/4 -> E/8 -> E/16 for two steps; with no step a 3x3 convolution fuses to
     E/8. With ``hierarchical=False`` it is SAM's pixel decoder alone.
 
-    Shapes: src (B, E, h, w), skips ((B, E/4, 2h, 2w), (B, E/8, 4h, 4w))
-    -> (B, out_chans, 4h * 2**steps, 4w * 2**steps) (``steps = 0`` when not hierarchical).
+    With ``high_res=True`` (SAM2 backbones) the encoder's high-resolution features join SAM's path as
+    SAM2's own mask decoder adds them: ``conv_s1`` (1x1, E -> E/4) of the stride-8 map is added after
+    the first transposed convolution (before its LayerNorm), ``conv_s0`` (1x1, E -> E/8) of the
+    stride-4 map after the second (before its GELU); their weights come from the SAM2 checkpoint.
+
+    Shapes: src (B, E, h, w), skips ((B, E/4, 2h, 2w), (B, E/8, 4h, 4w)), high-resolution maps
+    ((B, E, 4h, 4w), (B, E, 2h, 2w)) -> (B, out_chans, 4h * 2**steps, 4w * 2**steps) (``steps = 0``
+    when not hierarchical).
     """
 
-    def __init__(self, embed_dim: int, upscale_steps: int = 2, hierarchical: bool = True) -> None:
+    def __init__(self, embed_dim: int, upscale_steps: int = 2, hierarchical: bool = True, high_res: bool = False) -> None:
         super().__init__()
+        self.high_res = bool(high_res)
+        if self.high_res:
+            self.conv_s0 = nn.Conv2d(embed_dim, embed_dim // 8, kernel_size=1)
+            self.conv_s1 = nn.Conv2d(embed_dim, embed_dim // 4, kernel_size=1)
         if embed_dim % (8 * 2 ** max(0, upscale_steps - 1)):
             raise ValueError(
                 f"embedding width {embed_dim} cannot be halved {upscale_steps} more times after SAM's path")
@@ -367,14 +377,30 @@ class HierarchicalPixelDecoder(nn.Module):
         self.refine = nn.Sequential(*layers)
         self.out_chans = width
 
-    def forward(self, src: torch.Tensor, skips: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def _sam_path(self, src: torch.Tensor, high_res: Sequence[torch.Tensor] | None,
+                  skips: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """SAM's upscaling path, with the high-resolution maps and stage 1's 2h map when used."""
+        up = self.output_upscaling
+        if self.high_res and high_res is None:
+            raise ValueError("this pixel decoder takes the encoder's high-resolution maps (SAM2 backbones)")
+        half = up[0](src)  # (B, E/4, 2h, 2w)
+        if self.high_res:
+            half = half + self.conv_s1(high_res[1])
+        half = up[2](up[1](half))
+        if skips is not None:
+            half = half + self.fuse_half(torch.cat([half, skips[0]], dim=1))
+        full = up[3](half)  # (B, E/8, 4h, 4w)
+        if self.high_res:
+            full = full + self.conv_s0(high_res[0])
+        return up[4](full)
+
+    def forward(self, src: torch.Tensor, skips: tuple[torch.Tensor, torch.Tensor] | None = None,
+                high_res: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         if not self.hierarchical:
-            return self.output_upscaling(src)
+            return self._sam_path(src, high_res, None)
         if skips is None:
             raise ValueError("the hierarchical pixel decoder needs stage 1's upscaling maps")
-        half = self.output_upscaling[:3](src)  # (B, E/4, 2h, 2w)
-        half = half + self.fuse_half(torch.cat([half, skips[0]], dim=1))
-        full = self.output_upscaling[3:](half)  # (B, E/8, 4h, 4w)
+        full = self._sam_path(src, high_res, skips)  # (B, E/8, 4h, 4w)
         return self.refine(torch.cat([full, skips[1]], dim=1))  # (B, out_chans, 4h*2^s, 4w*2^s)
 
 
@@ -401,6 +427,9 @@ class HierarchicalDecoder(nn.Module):
             ``N(0, (s * (max - min))^2)``, max and min over the batch (s = 0.2 there); 0 (default, the
             paper) = none.
         ensemble: how eval mode combines the stages (:func:`combine_stages`).
+        high_res / high_res_weights: SAM2 backbones: the encoder's stride-4 and stride-8 features join
+            stage 2's pixel decoder (:class:`HierarchicalPixelDecoder`), with SAM2's ``conv_s0`` /
+            ``conv_s1`` weights (keys ``conv_s0.*``, ``conv_s1.*``) when given.
 
     Shapes: training mode: :class:`HSAMOutput` of stage 1 (B, C, 4h, 4w) and stage 2
     (B, C, 4h * 2**upscale_steps, ...), or (B, C, 4h, 4w) without the hierarchical pixel decoder;
@@ -429,6 +458,8 @@ class HierarchicalDecoder(nn.Module):
         noise_std: float | Sequence[float] = 0.35,
         embedding_noise: float = 0.0,
         ensemble: str = "logits",
+        high_res: bool = False,
+        high_res_weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if ensemble not in ENSEMBLES:
@@ -447,7 +478,11 @@ class HierarchicalDecoder(nn.Module):
         transformer = MaskedTwoWayTransformer if mask_cross_attention else TwoWayTransformer
         self.transformer = transformer(depth=depth, embedding_dim=embed_dim, num_heads=num_heads, mlp_dim=mlp_dim)
         self.mask_tokens = nn.Embedding(num_classes, embed_dim)
-        self.pixel_decoder = HierarchicalPixelDecoder(embed_dim, upscale_steps, hierarchical_pixel_decoder)
+        self.pixel_decoder = HierarchicalPixelDecoder(embed_dim, upscale_steps, hierarchical_pixel_decoder, high_res)
+        if high_res and high_res_weights:
+            for name in ("conv_s0", "conv_s1"):
+                part = {k[len(name) + 1:]: v for k, v in high_res_weights.items() if k.startswith(name + ".")}
+                getattr(self.pixel_decoder, name).load_state_dict(part, strict=True)
         self.output_hypernetworks_mlps = nn.ModuleList(
             MLP(embed_dim, embed_dim, self.pixel_decoder.out_chans, 3) for _ in range(num_classes)
         )
@@ -470,8 +505,10 @@ class HierarchicalDecoder(nn.Module):
     def mask_cross_attention(self) -> bool:
         return isinstance(self.transformer, MaskedTwoWayTransformer)
 
-    def stages(self, embedding: torch.Tensor, labels: torch.Tensor | None = None) -> HSAMOutput:
-        """(B, E, h, w) -> both stages' logits (training noise only in training mode)."""
+    def stages(self, embedding: torch.Tensor, labels: torch.Tensor | None = None,
+               high_res: Sequence[torch.Tensor] | None = None) -> HSAMOutput:
+        """(B, E, h, w) -> both stages' logits (training noise only in training mode); ``high_res``:
+        the encoder's ((B, E, 4h, 4w), (B, E, 2h, 2w)) maps when the pixel decoder takes them."""
         b, e, h, w = embedding.shape
         first = self.stage1.features(embedding)  # logits (B, C, 4h, 4w)
         pe, dense = self.stage1.dense_inputs((h, w))
@@ -500,13 +537,14 @@ class HierarchicalDecoder(nn.Module):
         else:
             hs, src = self.transformer(x, pe, tokens)
         src = src.transpose(1, 2).reshape(b, e, h, w)
-        upscaled = self.pixel_decoder(src, first.skips)  # (B, c, H2, W2)
+        upscaled = self.pixel_decoder(src, first.skips, high_res)  # (B, c, H2, W2)
         hyper = torch.stack([mlp(hs[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)  # (B, C, c)
         _, c, uh, uw = upscaled.shape
         second = (hyper @ upscaled.reshape(b, c, uh * uw)).reshape(b, -1, uh, uw)
         return HSAMOutput(first.logits, second)
 
-    def forward(self, embedding: torch.Tensor, labels: torch.Tensor | None = None) -> HSAMOutput | torch.Tensor:
+    def forward(self, embedding: torch.Tensor, labels: torch.Tensor | None = None,
+                high_res: Sequence[torch.Tensor] | None = None) -> HSAMOutput | torch.Tensor:
         """Training mode: :class:`HSAMOutput`; eval mode: the combined logits (see :func:`combine_stages`)."""
-        out = self.stages(embedding, labels)
+        out = self.stages(embedding, labels, high_res)
         return out if self.training else combine_stages(out, self.ensemble)

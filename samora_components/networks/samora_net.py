@@ -107,6 +107,9 @@ class SAMoraNet(nn.Module):
             of the rarest class in the batch, or one per class; 0 = none.
         hsam_ensemble: how eval mode combines the stages: ``"logits"`` (their mean, as the public
             code) or ``"probabilities"`` (log of the mean softmax).
+        hsam_high_res: SAM2 backbones with the H-SAM decoder: Hiera's stride-4 and stride-8 FPN
+            features join stage 2's pixel decoder as in SAM2's own mask decoder (its ``conv_s0`` /
+            ``conv_s1`` weights from the checkpoint); no effect on other backbones or decoders.
 
     Shapes: (B, in_channels, H, W) -> (B, num_classes, H, W); ``decoder="hsam"`` in training mode:
     :class:`~samora_components.networks.hsam.HSAMOutput` of (B, C, 4g, 4g) and (B, C, H, W), g the
@@ -141,6 +144,7 @@ class SAMoraNet(nn.Module):
         hsam_cmattn_as_coded: bool = False,
         hsam_noise_std: float | Sequence[float] = 0.35,
         hsam_ensemble: str = "logits",
+        hsam_high_res: bool = True,
     ) -> None:
         super().__init__()
         precision = resolve_precision(precision).precision
@@ -161,7 +165,7 @@ class SAMoraNet(nn.Module):
             "gate_init": float(gate_init), "fusion_norm": bool(fusion_norm), "fit_windows": bool(fit_windows),
             "decoder": decoder, "hsam_cmattn": bool(hsam_cmattn), "hsam_mask_attention": bool(hsam_mask_attention),
             "hsam_pixel_decoder": bool(hsam_pixel_decoder), "hsam_cmattn_as_coded": bool(hsam_cmattn_as_coded),
-            "hsam_ensemble": hsam_ensemble,
+            "hsam_ensemble": hsam_ensemble, "hsam_high_res": bool(hsam_high_res),
         }
         self.fit_windows = bool(fit_windows)
         self.backbone_name = bb.name
@@ -170,6 +174,8 @@ class SAMoraNet(nn.Module):
         self.img_size = bb.img_size
         self.method = method
         self.decoder_name = decoder
+        #: whether the encoder's high-resolution maps feed the decoder (SAM2 + H-SAM)
+        self.high_res = decoder == "hsam" and bool(hsam_high_res) and bb.attention_layout == "hiera"
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.precision = precision
@@ -212,6 +218,7 @@ class SAMoraNet(nn.Module):
                 *geometry, upscale_steps=self._upscale_steps(bb.img_size, bb.grid), cmattn=hsam_cmattn,
                 mask_cross_attention=hsam_mask_attention, hierarchical_pixel_decoder=hsam_pixel_decoder,
                 cmattn_as_coded=hsam_cmattn_as_coded, noise_std=hsam_noise_std, ensemble=hsam_ensemble,
+                high_res=self.high_res, high_res_weights=bb.high_res_weights,
             )
         prompt_path = next(name for name, m in self.decoder.named_modules() if m is bb.prompt_encoder)
         base_keys |= {f"decoder.{prompt_path}.{k}" for k in bb.prompt_encoder.state_dict()}
@@ -260,7 +267,7 @@ class SAMoraNet(nn.Module):
         "fusion_heads": "fusion_heads", "fit_windows": "fit_windows", "decoder": "decoder",
         "hsam_cmattn": "hsam_cmattn", "hsam_mask_attention": "hsam_mask_attention",
         "hsam_pixel_decoder": "hsam_pixel_decoder", "hsam_cmattn_as_coded": "hsam_cmattn_as_coded",
-        "hsam_ensemble": "hsam_ensemble",
+        "hsam_ensemble": "hsam_ensemble", "hsam_high_res": "hsam_high_res",
     }
 
     @classmethod
@@ -332,6 +339,17 @@ class SAMoraNet(nn.Module):
             h = self._bb.stem(x)
         return self._bb.trunk(h)
 
+    def core(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | HSAMOutput:
+        """Model-size RGB slices (B, 3, S, S) -> the decoder's output on its own grid: logits
+        (B, C, s, s), or both H-SAM stages in training mode."""
+        if self.high_res:  # SAM2 + H-SAM: the FPN's stride-4 and stride-8 maps reach stage 2
+            with torch.no_grad():
+                h = self._bb.stem(x)
+            embedding, high_res = self._bb.trunk_with_skips(h)
+            return self.decoder(embedding, labels, high_res)
+        embedding = self.embed(x)
+        return self.decoder(embedding) if self.decoder_name == "samed" else self.decoder(embedding, labels)
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | HSAMOutput:
         """Slices (B, in_channels, H, W) -> logits (B, C, H, W), or both H-SAM stages in training mode
         (see the class docstring). ``labels`` (B, 1, H, W) reach H-SAM's CMAttn noise only; the
@@ -341,8 +359,7 @@ class SAMoraNet(nn.Module):
         size = tuple(x.shape[-2:])
         x = self.prepare(x)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            embedding = self.embed(x)
-            out = self.decoder(embedding) if self.decoder_name == "samed" else self.decoder(embedding, labels)
+            out = self.core(x, labels)
         if isinstance(out, HSAMOutput):  # training: stage 1 stays on its grid (supervised there, H-SAM §3.4)
             return HSAMOutput(out.stage1.float(), _resize(out.stage2.float(), size))
         return _resize(out.float(), size)
