@@ -1,5 +1,5 @@
 """Nothing lost on SIGKILL: a stage-2 (and a stage-1) training run killed outright, after a checkpoint or in the
-middle of writing one, and started again with the same command (``--resume True``) repeats at most
+middle of writing one, and started again with the same command (``resume: auto``, the default) repeats at most
 one epoch, leaves no partial file, and ends with exactly the weights of an uninterrupted run (seeded,
 on the CPU, with augmentation on: the checkpoint carries every random stream)."""
 
@@ -36,7 +36,7 @@ def _command(root: Path, datalist: str) -> list[str]:
     return [sys.executable, "-m", "samora_components", "train", "--bundle", "bundles/samora_mr", "--quick", "True",
             "--bundle_root", str(root), "--datalist", datalist, "--backbone", "tiny_tinyvit",
             "--backbone_checkpoint", "", "--img_size", "32", "--epochs", str(EPOCHS), "--batch_size", "4",
-            "--warmup_iters", "2", "--val_interval", "1", "--resume", "True"]
+            "--warmup_iters", "2", "--val_interval", "1"]
 
 
 def _start(root: Path, datalist: str, **env) -> subprocess.Popen:
@@ -132,7 +132,7 @@ def _pretrain_command(root: Path, datalist: str) -> list[str]:
     return [sys.executable, "-m", "samora_components", "pretrain", "--bundle", "bundles/samora_mr", "--level", "pixel",
             "--quick", "True", "--bundle_root", str(root), "--datalist", datalist, "--backbone", "tiny_tinyvit",
             "--backbone_checkpoint", "", "--img_size", "32", "--epochs", str(EPOCHS), "--batch_size", "4",
-            "--decoder_width", "8", "--resume", "True"]
+            "--decoder_width", "8"]
 
 
 def test_stage1_sigkill_after_a_checkpoint_then_the_same_command_ends_with_the_uninterrupted_expert(tmp_path):
@@ -169,3 +169,56 @@ def test_stage1_sigkill_after_a_checkpoint_then_the_same_command_ends_with_the_u
     # the loss history keeps the epochs before the kill: the same curve as the uninterrupted run
     curves = [json.loads((runs[name][0] / "runs" / "pretrain_pixel" / "loss.json").read_text()) for name in ("reference", "victim")]
     assert curves[0] == curves[1] and curves[0]["epochs"] == [1, 2, 3]
+
+
+def _tiny_run(folder: Path, epochs: int, resume, width: int = 3, stop_after: int | None = None) -> tuple[int, list[str]]:
+    """A 2-iteration-per-epoch Ignite run of a Linear network with a TrainingCheckpoint; returns the
+    epoch the run started from and the checkpoint's log lines."""
+    import logging
+
+    from ignite.engine import Engine, Events
+
+    from samora_components.engines.handlers import TrainingCheckpoint
+
+    net = torch.nn.Linear(width, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def step(engine, batch):
+        opt.zero_grad()
+        net(batch).sum().backward()
+        opt.step()
+
+    engine = Engine(step)
+    TrainingCheckpoint(str(folder), {"network": net, "optimizer": opt}, resume=resume).attach(engine)
+    started = []
+    engine.add_event_handler(Events.EPOCH_STARTED, lambda e: started.append(e.state.epoch))
+    if stop_after is not None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda e: e.terminate())
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("samora_components.engines.handlers")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        engine.run([torch.ones(2, width)] * 2, max_epochs=epochs)
+    finally:
+        logger.removeHandler(handler)
+    return started[0], records
+
+
+def test_resume_auto_continues_only_an_unfinished_run_with_the_same_settings(tmp_path):
+    assert _tiny_run(tmp_path, 4, "auto", stop_after=2)[0] == 1  # stopped after epoch 2 of 4
+    first, log = _tiny_run(tmp_path, 4, "auto")
+    assert first == 3 and any("resumed from" in line for line in log)  # the same command goes on
+    first, log = _tiny_run(tmp_path, 4, "auto")  # that run finished: a rerun is a new run
+    assert first == 1 and any("finished all 4 epochs" in line for line in log)
+    _tiny_run(tmp_path, 4, "auto", stop_after=1)
+    first, log = _tiny_run(tmp_path, 6, "auto")  # other settings (epochs): from scratch, said so
+    assert first == 1 and any("other settings" in line for line in log)
+    _tiny_run(tmp_path, 6, "auto", stop_after=1)
+    assert _tiny_run(tmp_path, 6, "auto", width=5)[0] == 1  # another network: from scratch
+    _tiny_run(tmp_path, 6, False, stop_after=1)
+    assert _tiny_run(tmp_path, 6, False)[0] == 1  # false: always from scratch
+    with pytest.raises(ValueError, match="resume must be"):
+        _tiny_run(tmp_path, 2, "yes")

@@ -242,8 +242,8 @@ class TrainingCheckpoint:
     """Everything needed to resume (network, optimizer, scheduler, the trainer's own counters and
     every random stream of every process), written to ``save_dir/filename`` after every epoch.
 
-    A run killed at any moment (SIGKILL included) and started again with the same command and
-    ``resume=True`` goes on from its last finished epoch, so at most one epoch is repeated, and, on
+    A run killed at any moment (SIGKILL included) and started again with the same command
+    (``resume="auto"``, the default) goes on from its last finished epoch, so at most one epoch is repeated, and, on
     the same hardware and number of processes, ends with the same weights as an uninterrupted run:
 
     - the file is written to a hidden temporary file and renamed over the previous one
@@ -266,14 +266,20 @@ class TrainingCheckpoint:
     Args:
         save_dir: folder of the checkpoint.
         save_dict: objects with ``state_dict``/``load_state_dict`` besides the trainer.
-        resume: continue from an existing checkpoint (none: start from scratch).
+        resume: ``"auto"`` (the bundles' default): continue from the checkpoint when it belongs to
+            an unfinished run with these settings (the same epochs, iterations per epoch and the
+            same shapes of every saved tensor), else start from scratch and say why; ``True``:
+            continue from any checkpoint there (an error if it does not fit); ``False``: start
+            from scratch (the checkpoint is replaced after the first epoch).
         filename: checkpoint name.
 
     ``SAMORA_HOLD_CHECKPOINT_WRITE=<epoch>`` (tests only) holds the write of that epoch's checkpoint
     with its temporary file half written, for a kill at a known moment.
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, resume: bool = False, filename: str = "last.pt") -> None:
+    def __init__(self, save_dir: str, save_dict: dict, resume: bool | str = "auto", filename: str = "last.pt") -> None:
+        if resume not in (True, False, "auto"):
+            raise ValueError(f"resume must be true, false or auto, got {resume!r}")
         self.save_dir = save_dir
         self.save_dict = {name: _unwrap(obj) for name, obj in save_dict.items()}
         self.resume = resume
@@ -291,6 +297,7 @@ class TrainingCheckpoint:
         engine.add_event_handler(Events.STARTED, self._started)
 
     def _started(self, engine: Engine) -> None:
+        self._run = self._fingerprint(engine)
         if self.resume:
             self._load(engine)
         if not engine.has_event_handler(self._save, Events.EPOCH_COMPLETED):
@@ -301,16 +308,41 @@ class TrainingCheckpoint:
         loader = getattr(engine.state, "dataloader", None) or getattr(engine, "data_loader", None)
         return getattr(loader, "dataset", None)
 
+    def _fingerprint(self, engine: Engine) -> dict:
+        """What makes a checkpoint this run's: epochs, iterations per epoch, saved tensors' shapes."""
+        shapes = {f"{name}.{key}": list(value.shape)
+                  for name, obj in self.save_dict.items() for key, value in obj.state_dict().items()
+                  if isinstance(value, torch.Tensor)}  # network / objective tensors (optimizer state is nested)
+        return {"max_epochs": int(engine.state.max_epochs or 0), "epoch_length": int(engine.state.epoch_length or 0),
+                "shapes": shapes}
+
+    def _usable(self, state: dict, engine: Engine) -> bool:
+        """``resume: auto``: whether ``state`` is an unfinished checkpoint of this run (else say why not)."""
+        if state.get("run") != self._run:
+            logger.info("%s was written by a run with other settings (epochs, iterations per epoch or network): "
+                        "starting from scratch (--resume True would load it anyway)", self.path)
+            return False
+        trainer = state.get("trainer", {})
+        done = int(trainer.get("epoch") or int(trainer.get("iteration", 0)) // max(1, int(trainer.get("epoch_length") or 1)))
+        if done >= int(engine.state.max_epochs or 0):
+            logger.info("%s belongs to a run that finished all %d epochs: starting a new run "
+                        "(--resume False always starts from scratch)", self.path, done)
+            return False
+        return True
+
     def _load(self, engine: Engine) -> None:
         state = None
         if process_rank() == 0 and os.path.isfile(self.path):
             state = torch.load(self.path, map_location="cpu", weights_only=True)
+            if self.resume == "auto" and not self._usable(state, engine):
+                state = None
         if dist.is_available() and dist.is_initialized():  # rank 0 reads, every rank gets it
             shared = [state]
             dist.broadcast_object_list(shared, src=0)
             state = shared[0]
         if state is None:
-            logger.info("no checkpoint at %s: starting from scratch", self.path)
+            if not os.path.isfile(self.path):
+                logger.info("no checkpoint at %s: starting from scratch", self.path)
             return
         for name, obj in self._objects.items():
             obj.load_state_dict(state[name])
@@ -334,6 +366,7 @@ class TrainingCheckpoint:
             return
         state = {name: obj.state_dict() for name, obj in self._objects.items()}
         state["random"] = gathered
+        state["run"] = self._run
         hold = os.environ.get(HOLD_ENV)
         if hold is not None and int(hold) == engine.state.epoch:
             self._write_held(state)
