@@ -191,7 +191,7 @@ def test_bundle_stage1_quick_all_levels(tmp_path):
     history = json.loads((tmp_path / "run_pixel" / "loss.json").read_text())
     assert history["iterations"] == 2 and (tmp_path / "run_pixel" / "loss.png").is_file()
     last = torch.load(tmp_path / "run_image" / "last.pt", weights_only=True)
-    assert set(last) == {"objective", "optimizer", "lr_scheduler", "trainer", "random"}
+    assert set(last) == {"objective", "optimizer", "lr_scheduler", "trainer", "random", "run"}
     assert all(".expert." in k or k.startswith("head.") for k in last["objective"])  # no frozen weights
 
 
