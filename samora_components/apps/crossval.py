@@ -165,7 +165,7 @@ def leave_one_out(bundle: str, datalist: str, out: str, methods: str | Sequence[
 
     ``overrides``: training config values for every run (e.g. ``epochs``); ``pretrain=False`` uses
     experts already in ``OUT/fold_<case>/models/experts`` instead of running stage 1; ``folds``: the
-    held-out volumes (names without suffix) to run now, to spread a study over several sittings (the
+    held-out volumes (names without suffix) to run now, to spread a study over several runs (the
     table holds every fold finished so far).
     """
     methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
