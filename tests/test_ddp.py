@@ -102,6 +102,24 @@ def _rank_logs(log_dir: Path) -> dict[int, str]:
     return logs
 
 
+def _torchrun(files: list[str], log_dir: Path) -> dict[int, str]:
+    """Run the MR bundle's config ``files`` in 2 torchrun processes (CPU, gloo); each rank's log."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "--log-dir", str(log_dir), "--redirects", "3",
+               "-m", "monai.bundle", "run", "training", "--config_file", str(files),
+               "--meta_file", str(MR / "metadata.json"), "--logging_file", str(MR / "logging.conf")]
+    torchrun = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = torchrun.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        torchrun.terminate()  # torchrun stops its workers on SIGTERM
+        _, stderr = torchrun.communicate(timeout=60)
+    logs = _rank_logs(log_dir)
+    assert torchrun.returncode == 0, stderr[-3000:] + "\n".join(text[-3000:] for text in logs.values())
+    return logs
+
+
 def _load(folder: Path, rank: int, epoch: int) -> dict:
     return torch.load(folder / f"rank{rank}_epoch{epoch}.pt", map_location="cpu", weights_only=True)
 
@@ -111,19 +129,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, mr_ph
     settings = tmp_path / "tiny_ddp.yaml"
     settings.write_text(yaml.safe_dump(_settings(ddp_root, mr_phantom, ddp_probe)))
     files = [str(MR / "train.yaml"), str(MR / "multi_gpu_train.yaml"), str(settings)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "--log-dir", str(tmp_path / "logs"), "--redirects", "3",
-               "-m", "monai.bundle", "run", "training", "--config_file", str(files),
-               "--meta_file", str(MR / "metadata.json"), "--logging_file", str(MR / "logging.conf")]
-    torchrun = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, stderr = torchrun.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        torchrun.terminate()  # torchrun stops its workers on SIGTERM
-        _, stderr = torchrun.communicate(timeout=60)
-    logs = _rank_logs(tmp_path / "logs")
-    assert torchrun.returncode == 0, stderr[-3000:] + "\n".join(text[-3000:] for text in logs.values())
+    logs = _torchrun(files, tmp_path / "logs")
 
     # the 1-process reference: same files without the override, the same shuffled order (a sampler
     # of one replica with the same seed), the whole global batch in one step
@@ -229,19 +235,7 @@ def test_stage1_two_processes_train_the_expert_like_one(tmp_path, mr_phantom):
     settings.write_text(yaml.safe_dump(_stage1_settings(ddp_root, mr_phantom, ddp_probe)))
     files = [str(MR / "pretrain.yaml"), str(MR / "pretrain_patch.yaml"), str(MR / "multi_gpu_pretrain.yaml"),
              str(settings)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "--log-dir", str(tmp_path / "logs"), "--redirects", "3",
-               "-m", "monai.bundle", "run", "training", "--config_file", str(files),
-               "--meta_file", str(MR / "metadata.json"), "--logging_file", str(MR / "logging.conf")]
-    torchrun = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, stderr = torchrun.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        torchrun.terminate()
-        _, stderr = torchrun.communicate(timeout=60)
-    logs = _rank_logs(tmp_path / "logs")
-    assert torchrun.returncode == 0, stderr[-3000:] + "\n".join(text[-3000:] for text in logs.values())
+    logs = _torchrun(files, tmp_path / "logs")
 
     ref_root, ref_probe = tmp_path / "one", tmp_path / "probe_one"
     sampler = {"_target_": "DistributedSampler", "dataset": "@pool", "num_replicas": 1, "rank": 0,

@@ -98,7 +98,8 @@ class BundlePredictor:
         parser.read_config(str(config))
         parser["bundle_root"] = str(bundle)
         parser["model_file"] = str(weights)
-        apply_card(parser, read_model_card(weights))  # the card (same name, .json) describes the network
+        card = read_model_card(weights)
+        apply_card(parser, card)  # the card (same name, .json) describes the network
         if batch:
             parser["inferer#sw_batch_size"] = int(batch)
         if precision:
@@ -106,7 +107,6 @@ class BundlePredictor:
         network = parser.get_parsed_content("network")
         load_weights(network, weights)  # one-line errors for corrupt files and weights of another network
         network.eval()
-        card = read_model_card(weights)
         class_names = card.get("class_names") or parser.get("class_names")
         if engine != "eager":
             network = build_engine(network, engine, weights, int(parser.get_parsed_content("inferer#sw_batch_size")))
