@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from samora_components.apps import crossval
@@ -27,6 +29,23 @@ def test_a_fold_never_holds_its_held_out_volume():
     assert fold["test"] == [items[1]] and fold["training"] == [items[0], items[2]]
     assert [u["image"] for u in fold["unlabeled"]] == ["/d/case0.nii.gz", "/d/case2.nii.gz"]
     assert fold["kind"] == "ct" and fold["validation"] == []
+
+
+def test_a_fold_takes_the_optimiser_steps_of_the_whole_datalist():
+    # the real-CT recipe: 12 epochs of 134 slices at batch 8 = 192 steps (the loader drops partial batches)
+    assert crossval.equal_iteration_epochs(12, 8, 134, 22) == 96          # 2 steps an epoch
+    assert crossval.equal_iteration_epochs(12, 8, 134, 123) == 13         # 15 steps an epoch: 195 >= 192
+    assert crossval.equal_iteration_epochs(12, 8, 134, 134) == 12
+    assert crossval.equal_iteration_epochs(3, 8, 10, 5) == 3              # fewer slices than a batch: one step
+
+
+def test_axial_slices_follow_the_affine_not_the_array_order(tmp_path):
+    array = np.zeros((4, 6, 9), np.int16)
+    nib.save(nib.Nifti1Image(array, np.diag([1.0, 1.0, 3.0, 1.0])), tmp_path / "ras.nii.gz")
+    sagittal_first = np.array([[0, 1.0, 0, 0], [0, 0, 1.0, 0], [3.0, 0, 0, 0], [0, 0, 0, 1]])  # axis 0 is head-foot
+    nib.save(nib.Nifti1Image(array, sagittal_first), tmp_path / "z_first.nii.gz")
+    assert crossval.axial_slices(str(tmp_path / "ras.nii.gz")) == 9
+    assert crossval.axial_slices(str(tmp_path / "z_first.nii.gz")) == 4
 
 
 def test_leave_one_out_scores_every_volume_and_resumes(phantom, tmp_path, monkeypatch, capsys):

@@ -89,14 +89,16 @@ def _convert(kind: str, src: str, out: str | None = None, validation: int = 0, l
 
 
 def _lovo(bundle: str, datalist: str, out: str, methods: str = "samed,samora", profile: str | None = None,
-          pretrain: bool = True, folds: str | None = None, **overrides) -> None:
+          pretrain: bool = True, folds: str | None = None, equal_iterations: bool = True, **overrides) -> None:
     """Leave-one-volume-out: for each training volume of DATALIST, train each of --methods on the
     others (SAMora's stage 1 included, on the same volumes) and score the volume left out (Dice,
     HD95 in mm and in voxels, one overlay PNG per organ). Writes OUT/lovo.md, lovo.json, lovo_dice.png;
     rerunning the same command resumes (finished folds are kept); --folds a,b runs only the folds
-    holding out those volumes (names without suffix) now. Extra --key value pairs override the
-    training config (e.g. --epochs 4)."""
-    table = crossval.leave_one_out(bundle, datalist, out, methods, profile, pretrain, folds, **overrides)
+    holding out those volumes (names without suffix) now; each fold's epochs are scaled to the optimiser
+    steps of the recipe on the whole datalist (--equal_iterations False keeps the recipe's epochs). Extra
+    --key value pairs override the training config (e.g. --epochs 4)."""
+    table = crossval.leave_one_out(bundle, datalist, out, methods, profile, pretrain, folds, equal_iterations,
+                                   **overrides)
     folds = list(json.loads((Path(out) / "lovo.json").read_text())["folds"])
     print(crossval.format_markdown(table, folds), end="")
     print(f"wrote {Path(out) / 'lovo.md'}, {Path(out) / 'lovo.json'}, {Path(out) / 'lovo_dice.png'}")

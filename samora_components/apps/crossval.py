@@ -9,6 +9,11 @@ volume is segmented with the bundle's inference path and scored with both protoc
 (HD95 in mm) and ``transunet`` (HD95 in voxels). SAMora's stage 1 runs inside each fold on the fold's
 training volumes only, so the held-out volume is never seen, labelled or not.
 
+A fold trains on fewer slices than the full datalist; with ``equal_iterations`` (the default) its
+stage-2 epochs are scaled so that it takes as many optimiser steps as the bundle's recipe takes on
+the whole datalist (``epochs x floor(slices / batch)``): the check then measures the recipe, not a
+shorter schedule. Stage 1 keeps its own settings.
+
 Everything a fold makes lives in ``OUT/fold_<case>/`` (datalist, experts, weights, predictions,
 reports, one overlay PNG per organ); a fold-method pair whose reports exist is not run again, so a
 stopped run resumes with the same command. ``OUT/lovo.json`` and ``OUT/lovo.md`` hold the per-organ
@@ -26,6 +31,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
+from monai.bundle import ConfigParser
 
 from samora_components.bundle import workflow
 from samora_components.bundle.inference import BundlePredictor, predict_file
@@ -37,7 +43,8 @@ from samora_components.utils import write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["fold_datalist", "organ_overlays", "leave_one_out", "format_markdown"]
+__all__ = ["fold_datalist", "organ_overlays", "axial_slices", "equal_iteration_epochs", "leave_one_out",
+           "format_markdown"]
 
 PROTOCOLS = ("spacing", "transunet")
 _EXPERT_FILES = ("lora_image.safetensors", "lora_patch.safetensors", "lora_pixel.safetensors")
@@ -51,6 +58,30 @@ def fold_datalist(content: dict, training: list[dict], held_out: int) -> dict:
             **{k: content[k] for k in ("kind", "classes", "intensity") if k in content},
             "training": train, "validation": [], "test": [training[held_out]],
             "unlabeled": [{"image": item["image"]} for item in train]}
+
+
+def axial_slices(path: str) -> int:
+    """Number of axial slices of a volume (the size of the axis its affine points head-foot), read
+    from the header only."""
+    image = nib.load(path)
+    ornt = nib.orientations.io_orientation(image.affine)
+    axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
+    return int(image.shape[axis])
+
+
+def equal_iteration_epochs(epochs: int, batch_size: int, all_slices: int, fold_slices: int) -> int:
+    """Epochs over ``fold_slices`` that give the optimiser steps of ``epochs`` over ``all_slices``
+    (full batches only, as the training loader drops the last partial batch)."""
+    steps = epochs * max(1, all_slices // batch_size)
+    return max(1, math.ceil(steps / max(1, fold_slices // batch_size)))
+
+
+def _recipe(bundle: str, profile, method: str, overrides: dict) -> tuple[int, int]:
+    """(epochs, batch_size) the bundle's training config gives ``method`` under ``profile``."""
+    parser = ConfigParser()
+    parser.read_config(workflow.config_files(bundle, "train", profile=profile))
+    parser.update({"method": method, **overrides})
+    return int(parser.get_parsed_content("epochs")), int(parser.get_parsed_content("batch_size"))
 
 
 def organ_overlays(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, names: dict[int, str], out: Path,
@@ -160,13 +191,14 @@ def _dice_plot(table: dict, path: Path) -> None:
 
 def leave_one_out(bundle: str, datalist: str, out: str, methods: str | Sequence[str] = ("samed", "samora"),
                   profile: str | Sequence[str] | None = None, pretrain: bool = True,
-                  folds: str | Sequence[str] | None = None, **overrides) -> dict:
+                  folds: str | Sequence[str] | None = None, equal_iterations: bool = True, **overrides) -> dict:
     """Run every fold and method (see the module docstring); returns the table of :func:`_table`.
 
     ``overrides``: training config values for every run (e.g. ``epochs``); ``pretrain=False`` uses
     experts already in ``OUT/fold_<case>/models/experts`` instead of running stage 1; ``folds``: the
     held-out volumes (names without suffix) to run now, to spread a study over several runs (the
-    table holds every fold finished so far).
+    table holds every fold finished so far); ``equal_iterations``: scale each fold's epochs to the
+    full datalist's optimiser steps (see the module docstring; ignored when ``epochs`` is given).
     """
     methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
     content = json.loads(Path(datalist).read_text())
@@ -185,14 +217,20 @@ def leave_one_out(bundle: str, datalist: str, out: str, methods: str | Sequence[
     unknown = [f for f in chosen if f not in names_all]
     if unknown:
         raise ValueError(f"--folds {', '.join(unknown)}: not a training volume of {datalist} ({', '.join(names_all)})")
+    slices = [axial_slices(item["image"]) for item in training] if equal_iterations else []
     for index, (case, held) in enumerate(zip(names_all, training)):
         if case not in chosen:
             continue
         fold = out_dir / f"fold_{case}"
         write_json(fold / "datalist.json", fold_datalist(content, training, index))
         for method in methods:
-            logger.info("fold %d/%d (%s held out): %s", index + 1, len(names_all), case, method)
-            _run_fold(bundle, fold, method, profile, pretrain, names, held, overrides)
+            settings = dict(overrides)
+            if equal_iterations and "epochs" not in overrides:
+                epochs, batch = _recipe(bundle, profile, method, overrides)
+                settings["epochs"] = equal_iteration_epochs(epochs, batch, sum(slices), sum(slices) - slices[index])
+            logger.info("fold %d/%d (%s held out): %s, %s epochs", index + 1, len(names_all), case, method,
+                        settings.get("epochs", "the recipe's"))
+            _run_fold(bundle, fold, method, profile, pretrain, names, held, settings)
     folds = [f for f in names_all if (out_dir / f"fold_{f}").is_dir()]
     table = _table(out_dir, folds, methods, names)
     write_json(out_dir / "lovo.json", {"folds": folds, "methods": methods, "table": table})
