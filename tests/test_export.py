@@ -164,3 +164,14 @@ def test_bench_engines_reports_time_and_agreement_per_engine(bundle, scan, capsy
         assert row["s_per_volume"] > 0 and len(row["s_per_volume_all"]) == 1
         assert row["agreement"] >= 0.999 and row["min_agreement"] >= 0.999
     assert report["engines"]["eager"]["agreement"] == 1.0
+
+
+def test_bench_infer_replays_the_pipeline_batches_on_the_model_alone(bundle, scan, capsys):
+    cli(["bench-infer", "--bundle", str(bundle), "--input", str(scan), "--precision", "fp32"])
+    report = json.loads(capsys.readouterr().out)
+    (row,) = report["volumes"]
+    assert row["name"] == "scan" and row["slices"] == 10 == report["total"]["slices"]  # every slice, once
+    assert report["precision"] == "fp32"
+    assert 0 < row["model_in_pipeline_s"] <= row["end_to_end_s"] and row["model_alone_s"] > 0
+    assert row["overhead"] == pytest.approx(row["end_to_end_s"] / row["model_alone_s"], rel=1e-3)
+    assert row["user_s"] >= 0 and row["system_s"] >= 0 and report["peak_rss_gb"] > 0

@@ -23,6 +23,14 @@ datalist section with a trained bundle twice, in float32 and with bfloat16 autoc
 fraction of voxels whose label (the argmax) is the same, overall and among voxels that either run
 labels foreground.
 
+``python -m samora_components bench-infer --bundle B --input FOLDER [--weights W] [--precision P]
+[--limit N]`` runs ``infer``'s own per-volume path (read, orient, scale, slice, model, post-process,
+invert, write) on every volume and then, in the same process, the network alone on the very batches
+it was given (captured on the way in, replayed in the same order). Per volume and in total it prints
+the end-to-end seconds, the model's seconds inside the pipeline and alone, ``overhead`` (end to end /
+model alone), and the process's user and system CPU seconds around the end-to-end run
+(``system_fraction`` = system / user), with the peak RSS so far.
+
 ``python -m samora_components bench-engines --bundle B --input FOLDER [--engines eager,torchscript,
 onnxruntime,openvino,compile] [--precision fp32]`` segments every volume of FOLDER with each engine
 (the engines alternate volume by volume) and prints, per engine, the seconds per volume (median),
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import shutil
 import statistics
 import tempfile
@@ -45,13 +54,13 @@ from tqdm import tqdm
 
 from samora_components.bundle.cards import check_weights, model_card_path
 from samora_components.bundle.export import export_model
-from samora_components.bundle.inference import BundlePredictor, find_volumes
+from samora_components.bundle.inference import BundlePredictor, find_volumes, predict_file
 from samora_components.data.datasets import read_datalist
 from samora_components.data.io import volume_stem
 from samora_components.networks.precision import cpu_summary, resolve_precision
 from samora_components.networks.samora_net import SAMoraNet
 
-__all__ = ["benchmark", "matmul_peak", "main", "precision_agreement"]
+__all__ = ["benchmark", "matmul_peak", "main", "precision_agreement", "infer_overhead", "engine_comparison"]
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -241,3 +250,88 @@ def engine_comparison(bundle: str, input: str, engines: str | tuple = ("eager", 
                         "s_per_volume_all": [round(t, 3) for t in seconds[e]],
                         "agreement": same[e] / total, "min_agreement": worst[e]} for e in engines},
     }
+
+
+class _ForwardLog:
+    """Forward hooks on a network: the seconds spent in its forward passes and, when ``keep``, a copy
+    of every input batch (to replay the same slices on the model alone)."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        self.seconds = 0.0
+        self.batches: list[torch.Tensor] = []
+        self.keep = True
+        self._started = 0.0
+        self._handles = [network.register_forward_pre_hook(self._pre), network.register_forward_hook(self._post)]
+
+    def _pre(self, module, args) -> None:
+        if self.keep:
+            self.batches.append(args[0].detach().clone())
+        self._started = time.perf_counter()
+
+    def _post(self, module, args, output) -> None:
+        self.seconds += time.perf_counter() - self._started
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
+
+
+def infer_overhead(bundle: str, input: str, weights: str | None = None, precision: str | None = None,
+                   limit: int | None = None) -> dict:
+    """``infer`` end to end against the model alone on the same slices (see the module docstring).
+
+    Each volume is first segmented once untimed (warm-up: allocator, kernels' first-call costs), then
+    end to end with the hooks recording, then the recorded batches are replayed through the network.
+    Returns ``{"cpu", "precision", "volumes": [{"name", "slices", "end_to_end_s", "model_in_pipeline_s",
+    "model_alone_s", "overhead", "user_s", "system_s", "system_fraction"}], "total": {...},
+    "peak_rss_gb"}``.
+    """
+    predictor = BundlePredictor.from_bundle(bundle, weights, precision=precision)
+    network = predictor.network
+    if not isinstance(network, torch.nn.Module):
+        raise ValueError("bench-infer times the eager engine (a torch.nn.Module network)")
+    sources = find_volumes(input)[: limit or None]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="samora-bench-infer-") as tmp:
+        log = _ForwardLog(network)
+        try:
+            for source in tqdm(sources, desc="bench-infer", unit="vol", disable=len(sources) < 2):
+                target = Path(tmp) / "label.nii.gz"
+                log.keep = False
+                predict_file(predictor, source, target)  # warm-up
+                log.batches, log.seconds, log.keep = [], 0.0, True
+                user0, sys0 = _cpu_seconds()
+                started = time.perf_counter()
+                predict_file(predictor, source, target)
+                end_to_end = time.perf_counter() - started
+                user1, sys1 = _cpu_seconds()
+                log.keep = False
+                batches, in_pipeline = log.batches, log.seconds
+                log.batches = []
+                with torch.no_grad():
+                    started = time.perf_counter()
+                    for batch in batches:
+                        network(batch)
+                    alone = time.perf_counter() - started
+                user, system = user1 - user0, sys1 - sys0
+                rows.append({"name": volume_stem(source), "slices": int(sum(b.shape[0] for b in batches)),
+                             "end_to_end_s": round(end_to_end, 3), "model_in_pipeline_s": round(in_pipeline, 3),
+                             "model_alone_s": round(alone, 3), "overhead": end_to_end / alone if alone else float("nan"),
+                             "user_s": round(user, 2), "system_s": round(system, 2),
+                             "system_fraction": system / user if user else float("nan")})
+        finally:
+            log.remove()
+    if not rows:
+        raise ValueError(f"{input}: no volumes")
+    total = {key: sum(r[key] for r in rows) for key in ("slices", "end_to_end_s", "model_in_pipeline_s", "model_alone_s",
+                                                        "user_s", "system_s")}
+    total["overhead"] = total["end_to_end_s"] / total["model_alone_s"] if total["model_alone_s"] else float("nan")
+    total["system_fraction"] = total["system_s"] / total["user_s"] if total["user_s"] else float("nan")
+    return {"cpu": cpu_summary(), "precision": getattr(network, "precision", precision),
+            "threads": torch.get_num_threads(), "volumes": rows, "total": total,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}

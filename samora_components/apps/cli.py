@@ -10,6 +10,7 @@ Commands:
   infer     segment NIfTI/MetaImage/h5 volumes with a bundle's inference config
   bench     SAMed vs SAMora latency, FLOPs and parameters as one JSON line
   bench-precision  label agreement of a trained bundle in bf16 vs fp32 on a datalist section (JSON)
+  bench-infer      infer end to end vs the model alone on the same slices, with CPU user/system time (JSON)
   bench-engines    seconds per volume and label agreement of each inference engine (JSON)
   export    store trained weights with fp16 tensors beside their model card, or as ONNX / TorchScript
   demo      the whole quick pipeline on the phantom (what ``make demo`` runs)
@@ -125,6 +126,13 @@ def _bench_precision(bundle: str, datalist: str, section: str = "test", weights:
     print(json.dumps(bench.precision_agreement(bundle, datalist, section, weights)))
 
 
+def _bench_infer(bundle: str, input: str, weights: str | None = None, precision: str | None = None,
+                 limit: int | None = None) -> None:
+    """Segment INPUT (file or folder) with BUNDLE as infer does, then run the model alone on the same
+    slices; print per-volume and total seconds, overhead (end to end / model) and user/system CPU as JSON."""
+    print(json.dumps(bench.infer_overhead(bundle, input, weights, precision, limit)))
+
+
 def _bench_engines(bundle: str, input: str, engines: str = "eager,torchscript,onnxruntime,openvino", weights: str | None = None,
                    precision: str = "fp32", limit: int | None = None) -> None:
     """Segment INPUT (file or folder) with each engine of BUNDLE's model; print seconds per volume and
@@ -157,6 +165,7 @@ COMMANDS = {
     "infer": _infer,
     "bench": _bench,
     "bench-precision": _bench_precision,
+    "bench-infer": _bench_infer,
     "bench-engines": _bench_engines,
     "export": _export,
     "demo": _demo,
