@@ -93,6 +93,16 @@ def test_la_budget_validation_after_the_budget(la_folder):
         la_datalist(la_folder, labeled=7)
 
 
+def test_la_evaluation_scans_are_test_only_and_outside_the_pool(la_folder):
+    content = la_datalist(la_folder, validation=1, labeled=4, evaluation=1)
+    assert _ids(content["validation"]) == ["SCAN06"]
+    assert _ids(content["test"]) == ["SCAN07", "TEST00", "TEST01"]  # after the budget and the validation scan
+    assert "SCAN07" not in _ids(content["unlabeled"]) and "SCAN06" not in _ids(content["unlabeled"])
+    assert _ids(la_datalist(la_folder, labeled=4, evaluation=2)["test"])[:2] == ["SCAN06", "SCAN07"]
+    with pytest.raises(ValueError, match="cannot hold out 2 evaluation scans: only 1"):
+        la_datalist(la_folder, validation=1, labeled=4, evaluation=2)
+
+
 def test_la_fully_supervised(la_folder):
     for labeled in (None, 0):
         content = la_datalist(la_folder, labeled=labeled)
@@ -437,4 +447,4 @@ def test_cli_unknown_kind_missing_folder_and_refused_options(tmp_path, capsys):
     assert "--kind must be one of la, promise12, synapse, amos, totalseg" in _error_line(capsys, "brats", str(tmp_path))
     assert "no such folder" in _error_line(capsys, "la", str(tmp_path / "absent"))
     refused = _error_line(capsys, "amos", str(tmp_path), validation=2)
-    assert "--validation and --labeled apply to la and promise12" in refused
+    assert "--validation, --evaluation and --labeled apply to la and promise12" in refused

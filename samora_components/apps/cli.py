@@ -80,13 +80,14 @@ def _train(bundle: str = "bundles/samora_ct", quick: bool = False, profile: str 
 
 
 def _convert(kind: str, src: str, out: str | None = None, validation: int = 0, labeled: int | None = None,
-             modality: str = "ct", append: bool = False) -> None:
+             modality: str = "ct", append: bool = False, evaluation: int = 0) -> None:
     """Write DATALIST (default SRC/datalist.json) for --kind la|promise12|synapse|amos|totalseg. LA and
     PROMISE12: --labeled N scans train (the few-shot budget: 4 / 3), --validation N further labeled
-    scans from outside the budget validate. CT kinds write Synapse-8 label copies when the source uses
+    scans from outside the budget validate, --evaluation N scans after those go to test (scored only,
+    not in the stage-1 pool). CT kinds write Synapse-8 label copies when the source uses
     other ids (--modality all keeps AMOS MR cases). --append True adds the cases to the datalist
     already at OUT (e.g. AMOS slabs, then a TotalSegmentator subject: one CT training set)."""
-    datalists.main(kind, src, out, validation, labeled, modality=modality, append=append)
+    datalists.main(kind, src, out, validation, labeled, modality=modality, append=append, evaluation=evaluation)
 
 
 def _lovo(bundle: str, datalist: str, out: str, methods: str = "samed,samora", profile: str | None = None,

@@ -1,7 +1,7 @@
 """Datalists for public MR and CT releases laid out as downloaded (SPEC §7).
 
 ``python -m samora_components convert --kind la|promise12|synapse|amos|totalseg --src DIR
-[--out DIR/datalist.json] [--validation N] [--labeled N] [--append True]``
+[--out DIR/datalist.json] [--validation N] [--evaluation N] [--labeled N] [--append True]``
 
 ``--append True`` adds the converted cases to the datalist already at ``--out`` (one training set from
 several releases, e.g. AMOS slabs + a TotalSegmentator subject); both must be CT, or the same MR kind.
@@ -26,8 +26,11 @@ MR kinds (few-shot budget)
 The few-shot budget counts every labeled scan a run touches. ``training`` is the first ``--labeled``
 labeled scans of the training list in list order (LA 4, PROMISE12 3; ``--labeled 0`` = all of them,
 fully supervised). ``validation`` is the next ``--validation`` labeled scans *after* the budget
-(never one of the budget scans; an error when there are not enough). ``unlabeled`` is every image of
-the training list except the validation scans (the budget scans' images included).
+(never one of the budget scans; an error when there are not enough). ``--evaluation N`` moves the
+next N labeled scans after those into ``test``: scans for scoring only, never a gradient, a
+checkpoint choice or a stage-1 image (``shared/data/la2018``: ``--labeled 4 --evaluation 16`` makes
+its ``validation/`` folder the test set). ``unlabeled`` is every image of the training list except the
+validation and evaluation scans (the budget scans' images included).
 
 CT kinds (8 Synapse organs)
 ---------------------------
@@ -155,10 +158,13 @@ def _images(paths: Iterable[Path]) -> list[dict]:
     return [{"image": str(p)} for p in paths]
 
 
-def _budget(items: list[dict], labeled: int | None, validation: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """(training, validation, unlabeled) of training-list items (list order) under the few-shot rule."""
-    if validation < 0 or (labeled or 0) < 0:
-        raise ValueError(f"--validation and --labeled must not be negative (got {validation}, {labeled})")
+def _budget(items: list[dict], labeled: int | None, validation: int,
+            evaluation: int = 0) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """(training, validation, evaluation, unlabeled) of training-list items (list order) under the
+    few-shot rule."""
+    if validation < 0 or (labeled or 0) < 0 or evaluation < 0:
+        raise ValueError(f"--validation, --evaluation and --labeled must not be negative (got {validation}, "
+                         f"{evaluation}, {labeled})")
     with_label = [item for item in items if "label" in item]
     if labeled and len(with_label) < labeled:
         raise ValueError(f"few-shot budget of {labeled} labeled scans, but the training list has only "
@@ -168,15 +174,20 @@ def _budget(items: list[dict], labeled: int | None, validation: int) -> tuple[li
     if len(valid) < validation:
         raise ValueError(f"cannot hold out {validation} validation scans: only {len(valid)} labeled training scans "
                          f"follow the {budget} of the few-shot budget (lower --labeled or --validation)")
-    held = {item["image"] for item in valid}
-    return with_label[:budget], valid, [{"image": it["image"]} for it in items if it["image"] not in held]
+    start = budget + validation
+    scored = with_label[start : start + evaluation]
+    if len(scored) < evaluation:
+        raise ValueError(f"cannot hold out {evaluation} evaluation scans: only {len(scored)} labeled training scans "
+                         f"follow the {budget} of the budget and the {validation} validation scans")
+    held = {item["image"] for item in valid + scored}
+    return with_label[:budget], valid, scored, [{"image": it["image"]} for it in items if it["image"] not in held]
 
 
 def _mr_datalist(name: str, classes: list[str], items: list[dict], test: list[dict], labeled: int | None,
-                 validation: int) -> dict:
-    training, valid, pool = _budget(items, labeled, validation)
+                 validation: int, evaluation: int = 0) -> dict:
+    training, valid, scored, pool = _budget(items, labeled, validation, evaluation)
     return {"name": name, "kind": "mr", "classes": classes,
-            "training": training, "validation": valid, "test": test, "unlabeled": pool}
+            "training": training, "validation": valid, "test": scored + test, "unlabeled": pool}
 
 
 def _ct_datalist(name: str, training: list[dict], test: list[dict], unlabeled: list[dict], intensity: str,
@@ -274,7 +285,7 @@ def _h5_item(path: Path) -> dict:
     return {"image": str(path), "label": str(path)} if _has_label(path) else {"image": str(path)}
 
 
-def la_datalist(src: str | Path, validation: int = 0, labeled: int | None = 4) -> dict:
+def la_datalist(src: str | Path, validation: int = 0, labeled: int | None = 4, evaluation: int = 0) -> dict:
     """Datalist of an LA (UA-MT layout) folder; see the module docstring for the budget rule."""
     src = _folder(src)
     found = {p.parent.name: p for p in sorted(src.rglob("mri_norm2.h5"))}
@@ -290,10 +301,10 @@ def la_datalist(src: str | Path, validation: int = 0, labeled: int | None = 4) -
         train_ids, test_ids = ids[:cut], ids[cut:]
     test = [item for item in (_h5_item(found[i]) for i in test_ids) if "label" in item]
     return _mr_datalist("LA 2018 (UA-MT release)", ["background", "left_atrium"],
-                        [_h5_item(found[i]) for i in train_ids], test, labeled, validation)
+                        [_h5_item(found[i]) for i in train_ids], test, labeled, validation, evaluation)
 
 
-def promise12_datalist(src: str | Path, validation: int = 0, labeled: int | None = 3) -> dict:
+def promise12_datalist(src: str | Path, validation: int = 0, labeled: int | None = 3, evaluation: int = 0) -> dict:
     """Datalist of a PROMISE12 training folder; see the module docstring for the budget rule."""
     src = _folder(src)
     images = _index(src.rglob("*"), rf"(Case\d+){_MR_SUFFIX}", re.IGNORECASE)
@@ -306,7 +317,7 @@ def promise12_datalist(src: str | Path, validation: int = 0, labeled: int | None
     labeled_items = [item for item in items if "label" in item]
     test = labeled_items[round(0.8 * len(labeled_items)) :]
     return _mr_datalist("PROMISE12", ["background", "prostate"], [it for it in items if it not in test], test,
-                        labeled, validation)
+                        labeled, validation, evaluation)
 
 
 # ---------------------------------------------------------------- synapse
@@ -568,7 +579,7 @@ KINDS = (*_MR_KINDS, *_CT_KINDS)
 
 
 def build_datalist(kind: str, src: str | Path, labels_dir: str | Path, validation: int = 0,
-                   labeled: int | None = None, modality: str = "ct") -> dict:
+                   labeled: int | None = None, modality: str = "ct", evaluation: int = 0) -> dict:
     """The datalist of ``kind`` for folder ``src``; CT label copies go to ``labels_dir``.
 
     ``labeled=None`` takes the kind's default budget (LA 4, PROMISE12 3); 0 means all labeled scans.
@@ -579,16 +590,17 @@ def build_datalist(kind: str, src: str | Path, labels_dir: str | Path, validatio
         raise ValueError("--modality applies to --kind amos only")
     if kind in _MR_KINDS:
         build, default = _MR_KINDS[kind]
-        return build(src, validation=int(validation), labeled=default if labeled is None else int(labeled))
-    if int(validation) or (labeled is not None and int(labeled)):
-        raise ValueError(f"--validation and --labeled apply to la and promise12; --kind {kind} has no validation "
+        return build(src, validation=int(validation), labeled=default if labeled is None else int(labeled),
+                     evaluation=int(evaluation))
+    if int(validation) or int(evaluation) or (labeled is not None and int(labeled)):
+        raise ValueError(f"--validation, --evaluation and --labeled apply to la and promise12; --kind {kind} has no validation "
                          "split and its few-shot selection is done by the training config")
     options = {"modality": modality} if kind == "amos" else {}
     return _CT_KINDS[kind](src, labels_dir=labels_dir, **options)
 
 
 def main(kind: str, src: str, out: str | None = None, validation: int = 0, labeled: int | None = None,
-         modality: str = "ct", append: bool = False) -> None:
+         modality: str = "ct", append: bool = False, evaluation: int = 0) -> None:
     """CLI entry: write the datalist (default ``SRC/datalist.json``) and print a one-line summary;
     ``append``: add the cases to the datalist already at ``out``.
 
@@ -604,7 +616,7 @@ def main(kind: str, src: str, out: str | None = None, validation: int = 0, label
             old = _absolute(json.loads(path.read_text()), path.parent)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
             raise ValueError(f"--append: {path} is not a datalist ({err})") from None
-    content = build_datalist(kind, src, labels_dir, validation, labeled, modality)
+    content = build_datalist(kind, src, labels_dir, validation, labeled, modality, evaluation)
     if old is not None:
         content = merge_datalists(old, content)
     write_datalist(content, path)
