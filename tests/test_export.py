@@ -173,5 +173,6 @@ def test_bench_infer_replays_the_pipeline_batches_on_the_model_alone(bundle, sca
     assert row["name"] == "scan" and row["slices"] == 10 == report["total"]["slices"]  # every slice, once
     assert report["precision"] == "fp32"
     assert 0 < row["model_in_pipeline_s"] <= row["end_to_end_s"] and row["model_alone_s"] > 0
-    assert row["overhead"] == pytest.approx(row["end_to_end_s"] / row["model_alone_s"], rel=1e-3)
+    # the JSON rounds seconds to 0.1 ms while the ratio uses the unrounded timings
+    assert row["overhead"] == pytest.approx(row["end_to_end_s"] / row["model_alone_s"], rel=1e-2)
     assert row["user_s"] >= 0 and row["system_s"] >= 0 and report["peak_rss_gb"] > 0

@@ -320,8 +320,8 @@ def infer_overhead(bundle: str, input: str, weights: str | None = None, precisio
                     alone = time.perf_counter() - started
                 user, system = user1 - user0, sys1 - sys0
                 rows.append({"name": volume_stem(source), "slices": int(sum(b.shape[0] for b in batches)),
-                             "end_to_end_s": round(end_to_end, 3), "model_in_pipeline_s": round(in_pipeline, 3),
-                             "model_alone_s": round(alone, 3), "overhead": end_to_end / alone if alone else float("nan"),
+                             "end_to_end_s": round(end_to_end, 4), "model_in_pipeline_s": round(in_pipeline, 4),
+                             "model_alone_s": round(alone, 4), "overhead": end_to_end / alone if alone else float("nan"),
                              "user_s": round(user, 2), "system_s": round(system, 2),
                              "system_fraction": system / user if user else float("nan")})
         finally:
