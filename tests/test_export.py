@@ -176,3 +176,95 @@ def test_bench_infer_replays_the_pipeline_batches_on_the_model_alone(bundle, sca
     # the JSON rounds seconds to 0.1 ms while the ratio uses the unrounded timings
     assert row["overhead"] == pytest.approx(row["end_to_end_s"] / row["model_alone_s"], rel=1e-2)
     assert row["user_s"] >= 0 and row["system_s"] >= 0 and report["peak_rss_gb"] > 0
+
+
+def _tiny(precision: str = "fp32") -> SAMoraNet:
+    return SAMoraNet(2, backbone="tiny_tinyvit", img_size=64, checkpoint="", method="samed", precision=precision)
+
+
+def test_auto_tries_openvino_only_where_it_could_pay(bundle, tmp_path, monkeypatch):
+    monkeypatch.delenv(export.AUTO_ENV, raising=False)
+    monkeypatch.setenv("SAMORA_CACHE", str(tmp_path / "cache"))
+    weights = bundle / "models" / "model.pt"
+    weights.with_suffix(".onnx").unlink(missing_ok=True)
+    installed = export.importlib.util.find_spec("openvino") is not None
+    net = _tiny()
+    assert export.choose_engine(net, weights, volumes=1)[0] == "eager"
+    assert export.choose_engine(net, weights, volumes=export.AUTO_MIN_VOLUMES - 1)[0] == "eager"
+    engine, why = export.choose_engine(net, weights, volumes=export.AUTO_MIN_VOLUMES)
+    assert (engine, "could repay" in why) == (("trial", True) if installed else ("eager", False))
+    assert export.choose_engine(net, weights, volumes=50, device="cuda")[0] == "eager"
+    assert export.choose_engine(_tiny("bf16"), weights, volumes=50)[0] == "eager"  # autocast is eager's
+    if installed:
+        decision = export._trial_file(weights, 8)  # an earlier trial on this CPU decides for later folders
+        decision.parent.mkdir(parents=True)
+        for winner in ("eager", "openvino"):
+            decision.write_text(json.dumps({"engine": winner, "eager_s": 1.0, "openvino_s": 0.5, "batch": 8}))
+            assert export.choose_engine(net, weights, volumes=5) == (
+                winner, "measured on this CPU before: OpenVINO 0.50 s vs eager 1.00 s per batch of 8")
+            assert export.choose_engine(net, weights, volumes=1)[0] == "eager"  # one volume: eager all the same
+        assert export._trial_file(weights, 4) != decision  # another batch is measured again
+        decision.write_text("{broken")
+        assert export.choose_engine(net, weights, volumes=5)[0] == "trial"
+    monkeypatch.setattr(export.importlib.util, "find_spec", lambda name, *a: None)
+    assert export.choose_engine(net, weights, volumes=50) == ("eager", "OpenVINO is not installed")
+    monkeypatch.setenv(export.AUTO_ENV, "torchscript")
+    assert export.choose_engine(net, weights, volumes=1) == ("torchscript", "SAMORA_ENGINE=torchscript")
+    monkeypatch.setenv(export.AUTO_ENV, "tensorrt")
+    with pytest.raises(ValueError, match="SAMORA_ENGINE='tensorrt'"):
+        export.choose_engine(net, weights)
+
+
+def test_auto_falls_back_to_eager_when_openvino_fails(bundle, scan, monkeypatch, caplog):
+    monkeypatch.delenv(export.AUTO_ENV, raising=False)
+    monkeypatch.setattr(export, "choose_engine", lambda *a, **k: ("openvino", "test"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot compile\nsecond line")
+
+    monkeypatch.setattr(export, "_cached_onnx", broken)
+    predictor = _seeded(BundlePredictor.from_bundle, bundle, precision="fp32", engine="auto", volumes=5)
+    assert predictor.engine == "eager" and not isinstance(predictor.network, export.EngineNet)
+    assert "OpenVINO is not usable for this model (cannot compile); running PyTorch eager" in caplog.text
+    assert float((predictor(str(scan)) == _labels(bundle, scan, "eager")).mean()) == 1.0
+
+
+def test_infer_auto_times_both_engines_once_and_keeps_the_faster(bundle, scan, tmp_path, monkeypatch, caplog):
+    if _in_own_process("test_infer_auto_times_both_engines_once_and_keeps_the_faster"):
+        return
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnx")
+    monkeypatch.delenv(export.AUTO_ENV, raising=False)
+    monkeypatch.setenv("SAMORA_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    (copy / "models" / "model.onnx").unlink(missing_ok=True)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(scan, folder / f"{name}.nii.gz")
+    run = ["infer", "--bundle", str(copy), "--precision", "fp32"]
+    _seeded(cli, run + ["--input", str(scan), "--output", str(tmp_path / "one")])
+    assert "engine: eager (1 volume: OpenVINO is tried from 3 volumes on" in caplog.text
+    assert not list((tmp_path / "cache").glob("*.onnx"))
+    _seeded(cli, run + ["--input", str(folder), "--output", str(tmp_path / "three")])  # a real trial
+    assert "engine: timing OpenVINO against PyTorch eager on this CPU (once; 3 volumes" in caplog.text
+    assert "measured now on this CPU" in caplog.text
+    (decision,) = (tmp_path / "cache").glob("*.engine.json")
+    found = json.loads(decision.read_text())
+    assert found["engine"] in ("eager", "openvino") and found["eager_s"] > 0 and found["openvino_s"] > 0
+    assert (found["engine"] == "openvino") == (found["openvino_s"] < export.AUTO_MARGIN * found["eager_s"])
+    eager = nib.load(str(tmp_path / "one" / "scan.nii.gz")).get_fdata()
+    for name in ("a", "b", "c"):
+        assert float((nib.load(str(tmp_path / "three" / f"{name}.nii.gz")).get_fdata() == eager).mean()) >= 0.999
+    caplog.clear()
+    _seeded(cli, run + ["--input", str(folder), "--output", str(tmp_path / "again")])  # decided: no second trial
+    assert f"engine: {found['engine']} (measured on this CPU before" in caplog.text
+    assert decision.read_text() == json.dumps(found)
+    for times, winner in (((1.0, 0.95), "eager"), ((1.0, 0.5), "openvino")):  # the margin: 10 % faster at least
+        decision.unlink()
+        monkeypatch.setattr(export, "_seconds_per_batch", lambda *a, t=times: t)
+        caplog.clear()
+        predictor = _seeded(BundlePredictor.from_bundle, copy, precision="fp32", engine="auto", volumes=3)
+        assert predictor.engine == winner and json.loads(decision.read_text())["engine"] == winner
+        assert f"engine: {winner} (OpenVINO {times[1]:.2f} s vs eager 1.00 s per batch of 8" in caplog.text

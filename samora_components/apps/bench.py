@@ -226,7 +226,8 @@ def engine_comparison(bundle: str, input: str, engines: str | tuple = ("eager", 
             torch.manual_seed(0)  # identical networks even where frozen weights are random (test backbones)
             fmt = _ENGINE_FORMAT[engine]
             if fmt and not local.with_suffix(".onnx" if fmt == "onnx" else ".ts").is_file():
-                export_model(local, fmt, batch=8)
+                # exported for the bundle's slice batch: a smaller one would be padded to the exported size
+                export_model(local, fmt, batch=runs["eager"].inferer.sw_batch_size)
             runs[engine] = BundlePredictor.from_bundle(bundle, str(local), precision=precision, engine=engine)
             ready[engine] = time.perf_counter() - started
         seconds = {e: [] for e in engines}

@@ -48,13 +48,15 @@ def _evaluate(pred: str, label: str, protocol: str = "transunet", out: str = "ev
 
 
 def _infer(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int | None = None,
-           precision: str | None = None, engine: str = "eager", overlay: bool = False,
+           precision: str | None = None, engine: str = "auto", overlay: bool = False,
            save_probabilities: bool = False) -> None:
     """Segment INPUT (file or folder) with BUNDLE; write label volumes to OUTPUT. --precision auto
     (default: bf16 only on hardware with native bf16, else fp32) | fp32 | bf16; --batch N slices per
-    forward pass (default: the bundle's inference.yaml); --engine eager (default, PyTorch) | openvino
-    (faster per volume in fp32; the model is exported and compiled once into ~/.cache/samora) |
-    compile | torchscript | onnxruntime (the last two need `export --format` first).
+    forward pass (default: the bundle's inference.yaml); --engine auto (default: on a CPU in fp32
+    with at least 3 volumes, times one batch under OpenVINO and PyTorch eager once per model and CPU,
+    keeps the answer in ~/.cache/samora with OpenVINO's export, and runs the faster; else eager: one
+    line says which and why) | eager | openvino | compile | torchscript | onnxruntime (the last two
+    need `export --format` first); SAMORA_ENGINE=eager|openvino|... fixes what auto means.
 
     Each finished volume prints the volume of every class in mL. --overlay also writes
     OUTPUT/<name>_overlay.png (axial and coronal slices with the labels painted over the image, as

@@ -19,12 +19,23 @@ Engines (:data:`ENGINES`):
   weights' SHA-256; OpenVINO keeps its compiled model there too (``openvino/``), so only the first
   run compiles.
 
+``auto`` (what ``infer`` runs unless told otherwise) picks eager or OpenVINO with
+:func:`choose_engine`. Which one is faster, and by how much, depends on the model and the CPU
+(``docs/results.md`` §4e-4g: OpenVINO 1.1-1.2x faster on the shipped models in fp32; eager's bf16
+autocast where bf16 is native), so the first run that could repay OpenVINO's one-time export (at least :data:`AUTO_MIN_VOLUMES`
+volumes) times one batch under both and keeps the answer in the cache, keyed by the weights, the
+batch and the CPU; later runs of as many volumes read it. Fewer volumes run eager. An OpenVINO model that cannot be built falls back to eager
+with one warning line.
+
 Every exported file records the SHA-256 of the weights it came from; a file made from other
 weights is refused with the command that remakes it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -40,14 +51,23 @@ from torch import nn
 
 from samora_components.bundle.cards import check_weights, read_model_card
 from samora_components.networks.backbones import file_sha256
+from samora_components.networks.precision import cpu_summary
 from samora_components.networks.samora_net import SAMoraNet
 from samora_components.utils import atomic_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ENGINES", "FORMATS", "EngineNet", "ModelCore", "build_engine", "export_model", "exported_path"]
+__all__ = ["AUTO_ENV", "AUTO_MARGIN", "AUTO_MIN_VOLUMES", "ENGINES", "FORMATS", "EngineNet", "ModelCore", "build_engine",
+           "choose_engine", "export_model", "exported_path"]
 
-ENGINES = ("eager", "compile", "torchscript", "onnxruntime", "openvino")
+ENGINES = ("auto", "eager", "compile", "torchscript", "onnxruntime", "openvino")
+#: environment variable that fixes what ``auto`` means (an engine name), as SAMORA_PRECISION does for precision
+AUTO_ENV = "SAMORA_ENGINE"
+#: volumes in one run from which OpenVINO's one-time export and compilation can be repaid (docs/results.md
+#: §4f-4g: about 48 s once against 12-17 s saved per LA volume on an AVX2 CPU)
+AUTO_MIN_VOLUMES = 3
+#: OpenVINO is kept when its batch takes less than this fraction of eager's (timings vary by about 10 %)
+AUTO_MARGIN = 0.9
 #: export format -> file suffix (beside the weights)
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts"}
 _META_KEY = "samora"
@@ -180,6 +200,10 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SAMORA_CACHE", Path.home() / ".cache" / "samora"))
 
 
+def _cache_file(weights: Path, batch: int) -> Path:
+    return _cache_dir() / f"{file_sha256(weights)[:16]}-b{batch}-torch{torch.__version__.split('+')[0]}.onnx"
+
+
 def _cached_onnx(weights: Path, batch: int, net: SAMoraNet) -> tuple[Path, int]:
     """``<weights>.onnx`` if it exists and fits, else the cached export of these weights (made once),
     with its batch."""
@@ -187,7 +211,7 @@ def _cached_onnx(weights: Path, batch: int, net: SAMoraNet) -> tuple[Path, int]:
     if beside.is_file():
         return beside, _check_meta(_onnx_meta(beside), weights, beside, "onnx")
     cache = _cache_dir()
-    target = cache / f"{file_sha256(weights)[:16]}-b{batch}-torch{torch.__version__.split('+')[0]}.onnx"
+    target = _cache_file(weights, batch)
     if not target.is_file():
         started = time.perf_counter()
         logger.warning("exporting the model for OpenVINO (once; cached in %s)", cache)
@@ -235,13 +259,117 @@ def _compiled(net: SAMoraNet) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def build_engine(net: SAMoraNet, engine: str, weights: str | Path, batch: int = 8) -> nn.Module:
+def _trial_file(weights: Path, batch: int) -> Path:
+    """Where the measured choice for these weights, this batch and this CPU is kept."""
+    cpu = cpu_summary()
+    try:
+        openvino = importlib.metadata.version("openvino")
+    except importlib.metadata.PackageNotFoundError:
+        openvino = ""
+    key = json.dumps([cpu["model"], cpu["kernel_level"], cpu["onednn_max_isa"], cpu["threads"], torch.__version__, openvino])
+    return _cache_dir() / f"{file_sha256(weights)[:16]}-b{batch}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.engine.json"
+
+
+def _read_trial(path: Path) -> dict | None:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and found.get("engine") in ("eager", "openvino") else None
+
+
+def _per_batch(found: dict) -> str:
+    return f"OpenVINO {found['openvino_s']:.2f} s vs eager {found['eager_s']:.2f} s per batch of {found['batch']}"
+
+
+def choose_engine(net: SAMoraNet, weights: str | Path, batch: int = 8, volumes: int = 1,
+                  device: str | torch.device = "cpu") -> tuple[str, str]:
+    """What ``auto`` runs for ``volumes`` volumes with ``net`` (from ``weights``) on ``device``, and why:
+    ``"eager"``, ``"openvino"``, or ``"trial"`` (time both once: :func:`build_engine` does).
+
+    Eager on a GPU, in bf16 (PyTorch's autocast; the other engines run fp32), without OpenVINO, or
+    for fewer than :data:`AUTO_MIN_VOLUMES` volumes; otherwise what an earlier trial on this CPU
+    measured, or a trial. ``$SAMORA_ENGINE`` (one of
+    :data:`ENGINES` but ``auto``) overrides the choice.
+    """
+    forced = os.environ.get(AUTO_ENV, "").strip().lower()
+    if forced:
+        if forced not in ENGINES or forced == "auto":
+            raise ValueError(f"{AUTO_ENV}={forced!r}: must be one of {', '.join(e for e in ENGINES if e != 'auto')}")
+        return forced, f"{AUTO_ENV}={forced}"
+    if torch.device(device).type != "cpu":
+        return "eager", f"the network runs on {torch.device(device).type}"
+    if net.precision != "fp32":
+        return "eager", f"precision {net.precision}: PyTorch's autocast runs it, the other engines run fp32"
+    if importlib.util.find_spec("openvino") is None:
+        return "eager", "OpenVINO is not installed"
+    if volumes < AUTO_MIN_VOLUMES:  # even compiled from the cache, OpenVINO gains a few seconds at most here and
+        # holds about 1 GB more (docs/results.md §4g)
+        return "eager", (f"{volumes} volume{'s' if volumes != 1 else ''}: OpenVINO is tried from "
+                         f"{AUTO_MIN_VOLUMES} volumes on, where its one-time costs can be repaid")
+    weights = Path(weights)
+    found = _read_trial(_trial_file(weights, batch))
+    if found is not None:
+        return found["engine"], f"measured on this CPU before: {_per_batch(found)}"
+    return "trial", f"{volumes} volumes could repay OpenVINO's one-time export and compilation"
+
+
+def _seconds_per_batch(net: SAMoraNet, candidate: "EngineNet", batch: int) -> tuple[float, float]:
+    """Eager's and ``candidate``'s seconds for one batch of model input: the faster of two timed calls
+    each, alternating, after one untimed call each."""
+    x = torch.rand(batch, 3, net.img_size, net.img_size)
+    runs = {"eager": net.core, "other": candidate.run}
+    best = {name: float("inf") for name in runs}
+    with torch.no_grad():
+        for timed in (False, True, True):
+            for name, run in runs.items():
+                started = time.perf_counter()
+                run(x)
+                if timed:
+                    best[name] = min(best[name], time.perf_counter() - started)
+    return best["eager"], best["other"]
+
+
+def _trial(net: SAMoraNet, weights: Path, batch: int) -> nn.Module:
+    """Build OpenVINO, time it against eager, keep the answer (see the module notes); the faster runs."""
+    candidate = build_engine(net, "openvino", weights, batch)
+    exported = candidate.batch or batch
+    eager_s, openvino_s = _seconds_per_batch(net, candidate, exported)
+    found = {"engine": "openvino" if openvino_s < AUTO_MARGIN * eager_s else "eager", "eager_s": round(eager_s, 4),
+             "openvino_s": round(openvino_s, 4), "batch": exported, "cpu": cpu_summary(), "measured": time.strftime("%Y-%m-%d %H:%M")}
+    target = _trial_file(weights, batch)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        Path(tmp).write_text(json.dumps(found))
+    logger.warning("engine: %s (%s, measured now on this CPU; kept in %s)", found["engine"], _per_batch(found), target)
+    return candidate if found["engine"] == "openvino" else net
+
+
+def build_engine(net: SAMoraNet, engine: str, weights: str | Path, batch: int = 8, volumes: int = 1,
+                 device: str | torch.device = "cpu") -> nn.Module:
     """``net`` (weights loaded, eval mode) run by ``engine`` (:data:`ENGINES`); ``weights``: the file
     they came from, beside which the exported models are looked for; ``batch``: the slices per call
-    the caller will use (what ``openvino`` exports for when it exports)."""
+    the caller will use (what ``openvino`` exports for when it exports); ``volumes`` and ``device``:
+    what ``auto`` decides on (:func:`choose_engine`). The engine that runs is the returned module's
+    ``engine`` attribute (none: ``net`` itself, eager)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     weights = Path(weights)
+    if engine == "auto":
+        engine, why = choose_engine(net, weights, batch, volumes, device)
+        if engine == "trial":
+            logger.warning("engine: timing OpenVINO against PyTorch eager on this CPU (once; %s)", why)
+        else:
+            logger.warning("engine: %s (%s; --engine eager|openvino chooses)", engine, why)
+        if engine in ("trial", "openvino"):
+            try:
+                return _trial(net, weights, batch) if engine == "trial" else build_engine(net, engine, weights, batch)
+            except Exception as err:  # noqa: BLE001 - an export or compile failure: eager still works
+                logger.warning("OpenVINO is not usable for this model (%s); running PyTorch eager",
+                               str(err).splitlines()[0] if str(err) else type(err).__name__)
+                engine = "eager"
+        if engine != "eager":
+            return build_engine(net, engine, weights, batch)
     if engine == "eager":
         return net
     if engine == "compile":  # one batch shape (the last batch padded), so it compiles once
