@@ -301,3 +301,60 @@ def test_montage_slices_spread_over_the_labelled_extent():
     assert spread_slices(labels, 2, 3) == [35, 50, 65]
     assert spread_slices(np.zeros((4, 4, 9)), 2, 3) == [4]  # nothing labelled: the middle
     assert spread_slices(labels[..., 20:23], 2, 5) == [0, 1, 2]  # never more than there are
+
+
+@pytest.mark.parametrize("axes", ["ras", "lpi", "oblique", "sagittal"])
+def test_slab_by_slab_gives_the_whole_volume_labels(bundle, tmp_path, axes):
+    """The CT bundle's preprocessing acts per slice: slabs of 16 slices (the last one shorter) give the
+    labels of the whole volume; a file whose third axis is not the slice axis is done whole."""
+    from samora_components.data.io import Volume, read_volume
+
+    array = _volume(shape=(40, 36, 70), seed=2)
+    array[..., :5] = -1000.0  # air slices above and below the body: run once per slab, copied
+    array[..., -3:] = -1000.0
+    affine = {"ras": np.diag([0.8, 0.8, 2.0, 1.0]), "lpi": np.diag([-0.8, -0.8, -2.0, 1.0]),
+              "oblique": np.eye(4), "sagittal": np.array([[0, 0, 2.0, 0], [0.8, 0, 0, 0], [0, 0.8, 0, 0], [0, 0, 0, 1]])}[axes]
+    if axes == "oblique":
+        affine[:3, :3] = _rotation_z(20) @ np.diag([0.8, 0.8, 2.0])
+    path = _save(array.astype(np.int16), affine, tmp_path / "ct.nii.gz")
+    volume = read_volume(path)
+    predictor = BundlePredictor.from_bundle(bundle, batch=4, precision="fp32")
+    predictor.slab_slices = 0
+    whole = predictor.predict(str(path), volume).labels
+    whole_counts = predictor.inferer.last_counts
+    predictor.slab_slices = 16
+    assert predictor.slabs_apply(volume) is (axes != "sagittal")
+    slabs = predictor.predict(str(path), volume).labels
+    assert slabs.shape == whole.shape == (40, 36, 70) and len(np.unique(whole)) > 1
+    assert np.array_equal(slabs, whole)  # same slices in the same batches of 4: same arithmetic
+    assert predictor.inferer.last_counts[1] == whole_counts[1]
+    if axes != "sagittal":
+        # the two constant values (air, and nothing else) run once per slab that holds them, not once per slice
+        assert whole_counts[0] <= predictor.inferer.last_counts[0] <= whole_counts[0] + 4
+    assert predictor.slabs_apply(Volume(array[..., :16], affine)) is False  # one slab: done whole
+
+
+@pytest.mark.parametrize("case", ["int16 gz", "float32 gz", "4-D gz", "scaled gz", "big-endian gz", "plain nii"])
+def test_nifti_voxels_read_as_nibabel_gives_them(tmp_path, monkeypatch, case):
+    """Unscaled .nii.gz files are decompressed chunk by chunk into the array (no whole-file
+    temporary); every other NIfTI goes through nibabel. Both give nibabel's voxels."""
+    from samora_components.data import io
+
+    monkeypatch.setattr(io, "_GZIP_CHUNK", 1000)  # many chunks, one of them partial
+    rng = np.random.default_rng(0)
+    array = rng.integers(-1024, 2000, size=(23, 17, 9)).astype(np.int16)
+    if case == "float32 gz":
+        array = array.astype(np.float32) / 7
+    if case == "4-D gz":
+        array = array[..., None]
+    if case == "big-endian gz":
+        array = array.astype(">i2")
+    img = nib.Nifti1Image(array, np.diag([0.7, 0.7, 2.0, 1.0]))
+    if case == "scaled gz":
+        img.header.set_slope_inter(2.0, -1024.0)
+    path = tmp_path / ("x.nii" if case == "plain nii" else "x.nii.gz")
+    nib.save(img, str(path))
+    read = io.read_volume(path).array
+    expected = np.asanyarray(nib.load(str(path)).dataobj)
+    assert read.shape == expected.shape and read.dtype == expected.dtype
+    assert np.array_equal(read, expected)

@@ -15,6 +15,13 @@ coronal slices with the labels painted over the image, as the model saw it) and
 ``<stem>_probabilities.nii.gz`` (the per-class softmax on the input grid, 4-D X x Y x Z x K). Both are
 written before the label file, so a label file means its extras are complete. Each volume's label
 volumes in millilitres are printed as it finishes.
+
+Big volumes in bounded memory: when every preprocessing step acts on each slice alone (the CT
+bundle's: orient, HU window) and the file's third axis is the slice axis (axial scans), a volume is
+preprocessed, segmented and inverted in slabs of ``slab_slices`` slices, so that no float copy of the
+whole volume exists: memory grows with the slice count only by the volume as read and its uint8
+label map. Slab and whole-volume runs give the network the same slices (the inferer sees each slice
+alone); ``tests/test_inference.py`` compares their labels.
 """
 
 from __future__ import annotations
@@ -31,12 +38,13 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import Invertd, LoadImaged
+from monai.transforms import EnsureChannelFirstd, EnsureTyped, Invertd, LoadImaged, Orientationd
 from monai.utils import ImageMetaKey
 from tqdm import tqdm
 
 from samora_components.bundle.cards import apply_card, check_weights, load_weights, read_model_card
 from samora_components.bundle.export import ENGINES, build_engine
+from samora_components.bundle.inferers import SliceLabelInferer
 from samora_components.data.io import (
     VOLUME_SUFFIXES,
     Volume,
@@ -55,6 +63,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BundlePredictor", "Prediction", "check_output", "find_volumes", "label_volumes_ml", "output_path",
            "predict_file", "main"]
+
+
+#: preprocessing steps that act on each slice alone, so that slabs can be preprocessed one at a time
+_SLICEWISE = (LoadImaged, EnsureChannelFirstd, Orientationd, CTWindowd, EnsureTyped)
 
 
 @dataclass
@@ -81,13 +93,16 @@ class BundlePredictor:
     postprocessing: object
     device: torch.device
     class_names: list[str] | None = None
+    #: slices per slab for slice-wise preprocessing (see the module notes); 0: always the whole volume
+    slab_slices: int = 32
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, weights: str | None = None, batch: int | None = None,
-                    precision: str | None = None, engine: str = "eager") -> "BundlePredictor":
+                    precision: str | None = None, engine: str = "eager", volumes: int = 1) -> "BundlePredictor":
         """Parse ``bundle/configs/inference.yaml`` and load ``weights`` (default ``models/model.pt``);
         ``precision`` ("auto", "fp32" or "bf16") overrides the config's ``auto``; ``engine`` runs the
-        network (:data:`samora_components.bundle.export.ENGINES`)."""
+        network (:data:`samora_components.bundle.export.ENGINES`; ``auto`` chooses for ``volumes``
+        volumes, :func:`~samora_components.bundle.export.choose_engine`)."""
         keep_freed_memory()  # per-batch buffers reused (see utils); the CLI asks too, MONAI Label does not
         bundle = Path(bundle)
         config = bundle / "configs" / "inference.yaml"
@@ -108,16 +123,23 @@ class BundlePredictor:
         load_weights(network, weights)  # one-line errors for corrupt files and weights of another network
         network.eval()
         class_names = card.get("class_names") or parser.get("class_names")
+        device = parser.get_parsed_content("device")
         if engine != "eager":
-            network = build_engine(network, engine, weights, int(parser.get_parsed_content("inferer#sw_batch_size")))
+            network = build_engine(network, engine, weights, int(parser.get_parsed_content("inferer#sw_batch_size")),
+                                   volumes=volumes, device=device)
         return cls(
             network=network,
             preprocessing=parser.get_parsed_content("preprocessing"),
             inferer=parser.get_parsed_content("inferer"),
             postprocessing=parser.get_parsed_content("postprocessing"),
-            device=parser.get_parsed_content("device"),
+            device=device,
             class_names=[str(n) for n in class_names] if class_names else None,
         )
+
+    @property
+    def engine(self) -> str:
+        """The engine that runs the network (``auto`` resolved)."""
+        return getattr(self.network, "engine", "eager")
 
     @property
     def display_window(self) -> tuple[float, float] | None:
@@ -131,11 +153,43 @@ class BundlePredictor:
         file already read (:func:`read_volume`), so that it is not read again."""
         return self.predict(path, volume).labels
 
+    def slabs_apply(self, volume: Volume) -> bool:
+        """Whether ``volume`` is segmented slab by slab (see the module notes)."""
+        transforms = getattr(self.preprocessing, "transforms", ())
+        return (self.slab_slices > 0 and volume.array.ndim == 3 and volume.array.shape[2] > self.slab_slices
+                and isinstance(self.inferer, SliceLabelInferer) and bool(transforms)
+                and isinstance(transforms[0], LoadImaged) and all(isinstance(t, _SLICEWISE) for t in transforms)
+                and nib.aff2axcodes(volume.affine)[2] in ("S", "I"))
+
+    def _labels_of_slabs(self, path: str, volume: Volume) -> np.ndarray:
+        """(X, Y, Z) uint8 labels of ``volume``, computed slab by slab along its third axis."""
+        depth = volume.array.shape[2]
+        labels = np.empty(volume.array.shape, dtype=np.uint8, order="F")  # NIfTI's layout: written without a copy
+        seen = total = 0
+        starts = range(0, depth, self.slab_slices)  # a progress bar on a terminal only (disable=None)
+        for start in tqdm(starts, desc=f"slabs of {self.slab_slices} slices", unit="slab", leave=False, disable=None):
+            stop = min(depth, start + self.slab_slices)
+            shift = np.eye(4)
+            shift[2, 3] = start  # voxel (i, j, k) of the slab is voxel (i, j, start + k) of the volume
+            slab = Volume(volume.array[:, :, start:stop], volume.affine @ shift, volume.intensity)
+            meta = {**volume_meta(slab), ImageMetaKey.FILENAME_OR_OBJ: str(path)}
+            data = self.preprocessing({"image": MetaTensor(np.asarray(slab.array, dtype=np.float32), meta=meta)},
+                                      start=1)
+            data["pred"] = self.inferer(data["image"].unsqueeze(0).to(self.device), self.network)[0].cpu()
+            seen, total = seen + self.inferer.last_counts[0], total + self.inferer.last_counts[1]
+            data = self.postprocessing(data)
+            labels[:, :, start:stop] = data["pred"].detach().cpu().numpy()[0]
+        self.inferer.last_counts = (seen, total)
+        return labels
+
     @torch.no_grad()
     def predict(self, path: str, volume: Volume | None = None, probabilities: bool = False,
                 view: bool = False) -> Prediction:
         """Labels of one volume file (see :class:`Prediction`), with its class probabilities and the
-        model's view of it when asked for; ``volume`` as for ``__call__``."""
+        model's view of it when asked for; ``volume`` as for ``__call__``. Slab by slab where
+        :meth:`slabs_apply` (neither probabilities nor the view asked for)."""
+        if volume is not None and not probabilities and not view and self.slabs_apply(volume):
+            return Prediction(self._labels_of_slabs(path, volume))
         transforms = getattr(self.preprocessing, "transforms", ())
         if volume is not None and transforms and isinstance(transforms[0], LoadImaged):
             meta = {**volume_meta(volume), ImageMetaKey.FILENAME_OR_OBJ: str(path)}
@@ -239,7 +293,10 @@ def label_volumes_ml(label: np.ndarray, affine: np.ndarray, class_names: list[st
     """Volume in millilitres of every foreground class of a label map (X, Y, Z) whose voxel-to-mm map is
     ``affine``; classes named by ``class_names`` (background first), else ``class_<id>``."""
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
-    counts = np.bincount(np.asarray(label, dtype=np.uint8).ravel(), minlength=256)
+    label = np.asarray(label, dtype=np.uint8)
+    counts = np.zeros(256, dtype=np.int64)
+    for part in np.array_split(label.reshape(-1, order="A"), max(1, label.size // 2**22)):  # bincount casts to int64:
+        counts += np.bincount(part, minlength=256)  # counted in pieces of about 4 M voxels, not all at once
     count = len(class_names) if class_names else (num_classes or int(np.flatnonzero(counts).max(initial=0)) + 1)
     names = list(class_names) if class_names else [f"class_{c}" for c in range(count)]
     return {names[c]: round(float(counts[c]) * voxel_ml, 1) for c in range(1, count)}
@@ -302,7 +359,7 @@ def check_output(input: Path, sources: list[Path], output: Path) -> None:
 
 
 def main(bundle: str, input: str, output: str, weights: str | None = None, overwrite: bool = False, batch: int | None = None,
-         precision: str | None = None, engine: str = "eager", overlay: bool = False,
+         precision: str | None = None, engine: str = "auto", overlay: bool = False,
          save_probabilities: bool = False) -> None:
     """CLI: segment a file or folder; one error line per bad input, non-zero exit if any failed (the
     CLI reports errors that stop the whole run, such as a missing bundle, in one line)."""
@@ -313,7 +370,8 @@ def main(bundle: str, input: str, output: str, weights: str | None = None, overw
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     out_dir = Path(output)
     check_output(Path(input), sources, out_dir)
-    predictor = BundlePredictor.from_bundle(bundle, weights, batch, precision, engine)
+    todo = sum(overwrite or not output_path(source, out_dir).exists() for source in sources)
+    predictor = BundlePredictor.from_bundle(bundle, weights, batch, precision, engine, volumes=todo)
     remove_stale_partials(out_dir)
     failed, written, skipped = 0, [], 0
     for source in tqdm(sources, desc="volumes", unit="vol", disable=len(sources) < 2):
