@@ -268,3 +268,9 @@ def test_infer_auto_times_both_engines_once_and_keeps_the_faster(bundle, scan, t
         predictor = _seeded(BundlePredictor.from_bundle, copy, precision="fp32", engine="auto", volumes=3)
         assert predictor.engine == winner and json.loads(decision.read_text())["engine"] == winner
         assert f"engine: {winner} (OpenVINO {times[1]:.2f} s vs eager 1.00 s per batch of 8" in caplog.text
+    blocker = tmp_path / "blocker"  # a cache that cannot be written: the measured engine still runs
+    blocker.write_text("")
+    monkeypatch.setattr(export, "_trial_file", lambda *a: blocker / "decision.engine.json")
+    caplog.clear()
+    predictor = _seeded(BundlePredictor.from_bundle, copy, precision="fp32", engine="auto", volumes=3)
+    assert predictor.engine == "openvino" and "measured now on this CPU; not kept:" in caplog.text

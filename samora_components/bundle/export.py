@@ -315,10 +315,11 @@ def choose_engine(net: SAMoraNet, weights: str | Path, batch: int = 8, volumes: 
 
 
 def _seconds_per_batch(net: SAMoraNet, candidate: "EngineNet", batch: int) -> tuple[float, float]:
-    """Eager's and ``candidate``'s seconds for one batch of model input: the faster of two timed calls
+    """Eager's and ``candidate``'s seconds for one batch of ``batch`` slices of model input, as the
+    bundle will run them (``candidate`` pads to its exported batch): the faster of two timed calls
     each, alternating, after one untimed call each."""
     x = torch.rand(batch, 3, net.img_size, net.img_size)
-    runs = {"eager": net.core, "other": candidate.run}
+    runs = {"eager": net.core, "other": candidate.core}
     best = {name: float("inf") for name in runs}
     with torch.no_grad():
         for timed in (False, True, True):
@@ -333,15 +334,19 @@ def _seconds_per_batch(net: SAMoraNet, candidate: "EngineNet", batch: int) -> tu
 def _trial(net: SAMoraNet, weights: Path, batch: int) -> nn.Module:
     """Build OpenVINO, time it against eager, keep the answer (see the module notes); the faster runs."""
     candidate = build_engine(net, "openvino", weights, batch)
-    exported = candidate.batch or batch
-    eager_s, openvino_s = _seconds_per_batch(net, candidate, exported)
+    eager_s, openvino_s = _seconds_per_batch(net, candidate, batch)
     found = {"engine": "openvino" if openvino_s < AUTO_MARGIN * eager_s else "eager", "eager_s": round(eager_s, 4),
-             "openvino_s": round(openvino_s, 4), "batch": exported, "cpu": cpu_summary(), "measured": time.strftime("%Y-%m-%d %H:%M")}
+             "openvino_s": round(openvino_s, 4), "batch": batch, "exported_batch": candidate.batch,
+             "cpu": cpu_summary(), "measured": time.strftime("%Y-%m-%d %H:%M")}
     target = _trial_file(weights, batch)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
-        Path(tmp).write_text(json.dumps(found))
-    logger.warning("engine: %s (%s, measured now on this CPU; kept in %s)", found["engine"], _per_batch(found), target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            Path(tmp).write_text(json.dumps(found))
+        kept = f"kept in {target}"
+    except OSError as err:  # the answer stands for this run; the next one measures again
+        kept = f"not kept: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    logger.warning("engine: %s (%s, measured now on this CPU; %s)", found["engine"], _per_batch(found), kept)
     return candidate if found["engine"] == "openvino" else net
 
 

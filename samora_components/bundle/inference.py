@@ -38,7 +38,15 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import EnsureChannelFirstd, EnsureTyped, Invertd, LoadImaged, Orientationd
+from monai.transforms import (
+    AsDiscreted,
+    CastToTyped,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Invertd,
+    LoadImaged,
+    Orientationd,
+)
 from monai.utils import ImageMetaKey
 from tqdm import tqdm
 
@@ -67,6 +75,15 @@ __all__ = ["BundlePredictor", "Prediction", "check_output", "find_volumes", "lab
 
 #: preprocessing steps that act on each slice alone, so that slabs can be preprocessed one at a time
 _SLICEWISE = (LoadImaged, EnsureChannelFirstd, Orientationd, CTWindowd, EnsureTyped)
+#: post-processing steps that act on each voxel or slice alone (a 3-D step such as keeping the largest
+#: connected component would see one slab at a time, so its presence turns slabs off)
+_SLICEWISE_POST = (Invertd, CastToTyped, AsDiscreted, EnsureTyped)
+
+
+def _keeps_slices(transform) -> bool:
+    """Whether a slice-wise preprocessing step keeps the third axis as the slice axis
+    (an ``Orientationd`` must put S or I last)."""
+    return not isinstance(transform, Orientationd) or str(transform.ornt_transform.axcodes or "")[2:3] in ("S", "I")
 
 
 @dataclass
@@ -156,9 +173,12 @@ class BundlePredictor:
     def slabs_apply(self, volume: Volume) -> bool:
         """Whether ``volume`` is segmented slab by slab (see the module notes)."""
         transforms = getattr(self.preprocessing, "transforms", ())
+        post = getattr(self.postprocessing, "transforms", None)
         return (self.slab_slices > 0 and volume.array.ndim == 3 and volume.array.shape[2] > self.slab_slices
                 and isinstance(self.inferer, SliceLabelInferer) and bool(transforms)
-                and isinstance(transforms[0], LoadImaged) and all(isinstance(t, _SLICEWISE) for t in transforms)
+                and isinstance(transforms[0], LoadImaged)
+                and all(isinstance(t, _SLICEWISE) and _keeps_slices(t) for t in transforms)
+                and post is not None and all(isinstance(t, _SLICEWISE_POST) for t in post)
                 and nib.aff2axcodes(volume.affine)[2] in ("S", "I"))
 
     def _labels_of_slabs(self, path: str, volume: Volume) -> np.ndarray:
