@@ -200,10 +200,6 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SAMORA_CACHE", Path.home() / ".cache" / "samora"))
 
 
-def _cache_file(weights: Path, batch: int) -> Path:
-    return _cache_dir() / f"{file_sha256(weights)[:16]}-b{batch}-torch{torch.__version__.split('+')[0]}.onnx"
-
-
 def _cached_onnx(weights: Path, batch: int, net: SAMoraNet) -> tuple[Path, int]:
     """``<weights>.onnx`` if it exists and fits, else the cached export of these weights (made once),
     with its batch."""
@@ -211,7 +207,7 @@ def _cached_onnx(weights: Path, batch: int, net: SAMoraNet) -> tuple[Path, int]:
     if beside.is_file():
         return beside, _check_meta(_onnx_meta(beside), weights, beside, "onnx")
     cache = _cache_dir()
-    target = _cache_file(weights, batch)
+    target = cache / f"{file_sha256(weights)[:16]}-b{batch}-torch{torch.__version__.split('+')[0]}.onnx"
     if not target.is_file():
         started = time.perf_counter()
         logger.warning("exporting the model for OpenVINO (once; cached in %s)", cache)

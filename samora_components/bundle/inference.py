@@ -17,7 +17,9 @@ written before the label file, so a label file means its extras are complete. Ea
 volumes in millilitres are printed as it finishes.
 
 Big volumes in bounded memory: when every preprocessing step acts on each slice alone (the CT
-bundle's: orient, HU window) and the file's third axis is the slice axis (axial scans), a volume is
+bundle's: orient, HU window), every post-processing step on each voxel (inversion, casting; a 3-D step
+such as keeping the largest component turns this off) and the file's third axis is the slice axis
+(axial scans), a volume is
 preprocessed, segmented and inverted in slabs of ``slab_slices`` slices, so that no float copy of the
 whole volume exists: memory grows with the slice count only by the volume as read and its uint8
 label map. Slab and whole-volume runs give the network the same slices (the inferer sees each slice
