@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from samora_components.apps import bench
 from samora_components.apps.cli import main as cli
 from samora_components.bundle import export
 from samora_components.bundle.inference import BundlePredictor
@@ -274,3 +275,33 @@ def test_infer_auto_times_both_engines_once_and_keeps_the_faster(bundle, scan, t
     caplog.clear()
     predictor = _seeded(BundlePredictor.from_bundle, copy, precision="fp32", engine="auto", volumes=3)
     assert predictor.engine == "openvino" and "measured now on this CPU; not kept:" in caplog.text
+
+
+def test_bench_runs_both_models_under_an_engine(tmp_path, monkeypatch):
+    """bench --engine: each engine computes the network's logits (padding a short batch), and the
+    benchmark reports it with the FLOPs counted on the PyTorch network."""
+    if _in_own_process("test_bench_runs_both_models_under_an_engine"):
+        return
+    torch.manual_seed(0)
+    net = bench._model("samora", "tiny_vit", None, "fp32", 3)
+    x = torch.rand(3, 1, net.img_size, net.img_size)
+    with torch.no_grad():
+        expected = net(x)
+    for engine in ("torchscript", "onnxruntime", "openvino"):
+        (tmp_path / engine).mkdir()
+        run = export.network_engine(net, engine, 2, tmp_path / engine)
+        with torch.no_grad():
+            got = run(x)
+        assert run.engine == engine and got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=1e-4), engine
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype: 1.0)  # the peak is not what is tested here
+    eager = bench.benchmark("tiny_vit", batch=2, dtype="fp32", warmup=0, repeats=1)
+    exported = bench.benchmark("tiny_vit", batch=2, dtype="fp32", warmup=0, repeats=1, engine="openvino")
+    assert eager["engine"] == "eager" and exported["engine"] == "openvino"
+    for method in ("samed", "samora"):
+        assert exported[method]["gflop_per_slice"] == eager[method]["gflop_per_slice"] > 0
+        assert exported[method]["latency_ms_per_slice"] > 0
+    with pytest.raises(ValueError, match="float32 only"):
+        bench.benchmark("tiny_vit", batch=1, dtype="bf16", engine="onnxruntime")
+    with pytest.raises(ValueError, match="unknown engine"):
+        export.network_engine(net, "auto", 2, tmp_path)

@@ -11,6 +11,7 @@ from samora_components.networks.fusion import (
     LoRAHubFusion,
     MoLEFusion,
     SingleExpertFusion,
+    attend,
     parse_order,
 )
 from samora_components.networks.lora import LEVELS, LoRAQKV, qkv_rows
@@ -95,6 +96,21 @@ def test_hl_attn_follows_the_order():
     other = HLAttn(dim, LEVELS, "1-1-2", width=8, heads=2)
     other.load_state_dict(fusion.state_dict())
     assert not torch.allclose(other(deltas, None), expected)
+
+
+def test_hl_attn_is_the_same_with_and_without_gradients():
+    """Inference runs the fused attention kernel, training the explicit product: same numbers."""
+    torch.manual_seed(0)
+    deltas = {lv: torch.randn(3, 49, 32) for lv in LEVELS}
+    fusion = HLAttn(32, LEVELS, "2-1-1", width=16, heads=4)
+    trained = fusion(deltas, None)
+    with torch.no_grad():
+        q, k, v = torch.randn(3, 2, 3, 49, 8).unbind(0)
+        explicit = ((q * 8**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        assert torch.allclose(attend(q, k, v), explicit, atol=1e-5)
+        assert torch.allclose(fusion(deltas, None), trained, atol=1e-5)
+    with torch.inference_mode():
+        assert torch.allclose(fusion(deltas, None), trained, atol=1e-5)
 
 
 def test_vit_b_budget_matches_paper_table_3():

@@ -1,9 +1,12 @@
 """Speed benchmark: SAMed vs SAMora encoder + decoder latency in one process (SPEC §4).
 
 ``python -m samora_components bench --backbone sam_vit_b|litemedsam --batch N --dtype auto|fp32|bf16
-[--decoder samed|hsam]`` prints one JSON object (``--decoder hsam``: both models carry H-SAM's
-two-stage decoder, i.e. H-SAM vs H-SAMora, timed in eval mode, where it returns the stages'
-combination):
+[--decoder samed|hsam] [--engine eager|compile|torchscript|onnxruntime|openvino]`` prints one JSON
+object (``--decoder hsam``: both models carry H-SAM's two-stage decoder, i.e. H-SAM vs H-SAMora,
+timed in eval mode, where it returns the stages' combination; ``--engine``: both models run by that
+inference engine, exported from the same weights, as ``infer --engine`` runs a bundle; FLOPs are
+counted on the PyTorch network either way, so that ``fraction_of_peak`` compares engines on the
+same arithmetic):
 
 * ``samed`` / ``samora``: per-slice latency (median over ``repeats`` timed forward passes after
   ``warmup`` untimed ones; the two models alternate, so both see the same machine conditions),
@@ -53,7 +56,7 @@ import torch
 from tqdm import tqdm
 
 from samora_components.bundle.cards import check_weights, model_card_path
-from samora_components.bundle.export import export_model
+from samora_components.bundle.export import export_model, network_engine
 from samora_components.bundle.inference import BundlePredictor, find_volumes, predict_file
 from samora_components.data.datasets import read_datalist
 from samora_components.data.io import volume_stem
@@ -109,37 +112,44 @@ def _model(method: str, backbone: str, img_size: int | None, dtype: str, num_cla
     return net.eval()
 
 
+#: engines that run an exported float32 network (OpenVINO may compute it in bf16)
+_EXPORTED = ("torchscript", "onnxruntime", "openvino")
+
+
 def benchmark(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", img_size: int | None = None,
-              warmup: int = 2, repeats: int = 7, num_classes: int = 9, decoder: str = "samed") -> dict:
+              warmup: int = 2, repeats: int = 7, num_classes: int = 9, decoder: str = "samed",
+              engine: str = "eager") -> dict:
     """Time SAMed and SAMora forward passes on one batch; see the module docstring for the fields.
     ``dtype`` auto | fp32 | bf16 (auto: bf16 only where the CPU has it natively); ``decoder`` samed |
-    hsam (the decoder of both models)."""
+    hsam (the decoder of both models); ``engine``: what runs both (see the module docstring)."""
     choice = resolve_precision(dtype, "cpu")
     dtype = choice.precision
     if batch < 1 or repeats < 1 or warmup < 0:
         raise ValueError("batch and repeats must be >= 1, warmup >= 0")
+    if engine in ("torchscript", "onnxruntime") and dtype != "fp32":
+        raise ValueError(f"engine {engine} runs float32 only; pass --dtype fp32")
     torch.manual_seed(0)
-    result: dict = {"backbone": backbone, "decoder": decoder, "batch": batch, "dtype": dtype,
+    result: dict = {"backbone": backbone, "decoder": decoder, "engine": engine, "batch": batch, "dtype": dtype,
                     "dtype_requested": choice.requested, "dtype_reason": choice.reason,
                     "threads": torch.get_num_threads(), "device": "cpu", "cpu": cpu_summary(), "warmup": warmup,
                     "repeats": repeats}
-    nets = {m: _model(m, backbone, img_size, dtype, num_classes, decoder) for m in ("samed", "samora")}
+    built = "fp32" if engine in _EXPORTED else dtype  # exported engines start from the float32 network
+    nets = {m: _model(m, backbone, img_size, built, num_classes, decoder) for m in ("samed", "samora")}
     size = nets["samed"].img_size
     result["img_size"] = size
     x = torch.rand(batch, 1, size, size)
     peak = matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32)
-    with torch.inference_mode():  # interleaved, so that both models see the same machine conditions
-        for _ in range(warmup):
-            for net in nets.values():
-                net(x)
-        times: dict[str, list[float]] = {m: [] for m in nets}
-        for _ in range(repeats):
-            for method, net in nets.items():
-                start = time.perf_counter()
-                net(x)
-                times[method].append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory(prefix="samora-bench-") as tmp:
+        runs = {}
+        for method, net in nets.items():
+            (Path(tmp) / method).mkdir()
+            runs[method] = network_engine(net, engine, batch, Path(tmp) / method, dtype)
+        times = _alternate(runs, x, warmup, repeats)
     for method, net in nets.items():
         median = statistics.median(times[method])
+        if engine != "eager":  # what inference keeps between calls (merged or stacked LoRA weights) is built
+            with torch.inference_mode():  # once, outside the counted pass, as it was in the timed eager passes
+                net(x)
         flops = _flops(net, x)
         result[method] = {
             "latency_ms_per_slice": 1e3 * median / batch,
@@ -159,10 +169,26 @@ def benchmark(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", 
     return result
 
 
+def _alternate(runs: dict, x: torch.Tensor, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each of ``repeats`` calls of every model in ``runs`` on ``x``, the models taking
+    turns (so that all see the same machine conditions), after ``warmup`` untimed rounds."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for run in runs.values():
+                run(x)
+        times: dict[str, list[float]] = {m: [] for m in runs}
+        for _ in range(repeats):
+            for method, run in runs.items():
+                start = time.perf_counter()
+                run(x)
+                times[method].append(time.perf_counter() - start)
+    return times
+
+
 def main(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", img_size: int | None = None,
-         warmup: int = 2, repeats: int = 7, decoder: str = "samed") -> dict:
+         warmup: int = 2, repeats: int = 7, decoder: str = "samed", engine: str = "eager") -> dict:
     """CLI entry: run :func:`benchmark` and print its JSON on one line."""
-    result = benchmark(backbone, batch, dtype, img_size, warmup, repeats, decoder=decoder)
+    result = benchmark(backbone, batch, dtype, img_size, warmup, repeats, decoder=decoder, engine=engine)
     print(json.dumps(result))
     return result
 

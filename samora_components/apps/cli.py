@@ -118,10 +118,11 @@ def _pretrain(bundle: str = "bundles/samora_ct", level: str = "all", quick: bool
 
 
 def _bench(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", img_size: int | None = None,
-           warmup: int = 2, repeats: int = 7, decoder: str = "samed") -> None:
+           warmup: int = 2, repeats: int = 7, decoder: str = "samed", engine: str = "eager") -> None:
     """Time SAMed and SAMora (encoder + decoder) on one batch; print one JSON object. --decoder
-    samed|hsam: the decoder of both models (hsam: H-SAM vs H-SAMora)."""
-    bench.main(backbone, batch, dtype, img_size, warmup, repeats, decoder=decoder)
+    samed|hsam: the decoder of both models (hsam: H-SAM vs H-SAMora); --engine: what runs them
+    (eager, compile, torchscript, onnxruntime, openvino)."""
+    bench.main(backbone, batch, dtype, img_size, warmup, repeats, decoder=decoder, engine=engine)
 
 
 def _bench_precision(bundle: str, datalist: str, section: str = "test", weights: str | None = None) -> None:

@@ -58,7 +58,7 @@ from samora_components.utils import atomic_path
 logger = logging.getLogger(__name__)
 
 __all__ = ["AUTO_ENV", "AUTO_MARGIN", "AUTO_MIN_VOLUMES", "ENGINES", "FORMATS", "EngineNet", "ModelCore", "build_engine",
-           "choose_engine", "export_model", "exported_path"]
+           "choose_engine", "export_model", "exported_path", "network_engine"]
 
 ENGINES = ("auto", "eager", "compile", "torchscript", "onnxruntime", "openvino")
 #: environment variable that fixes what ``auto`` means (an engine name), as SAMORA_PRECISION does for precision
@@ -226,15 +226,17 @@ def _onnxruntime(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: torch.from_numpy(session.run(None, {"slices": x.numpy()})[0])
 
 
-def _openvino(path: Path, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _openvino(path: Path, precision: str, cache: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     import openvino as ov  # optional dependency
 
-    compiled = ov.Core().compile_model(str(path), "CPU", {
-        "CACHE_DIR": str(_cache_dir() / "openvino"),  # the compiled model, reused by later runs
+    config = {
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-    })
+    }
+    if cache:
+        config["CACHE_DIR"] = str(_cache_dir() / "openvino")  # the compiled model, reused by later runs
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
     request = compiled.create_infer_request()
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -253,6 +255,29 @@ def _compiled(net: SAMoraNet) -> Callable[[torch.Tensor], torch.Tensor]:
             return core(x)
 
     return run
+
+
+def network_engine(net: SAMoraNet, engine: str, batch: int, folder: str | Path, precision: str = "fp32") -> nn.Module:
+    """``net`` (float32, eval mode) run by ``engine`` (:data:`ENGINES` but ``auto``) without a weights
+    file: what ``bench --engine`` times. Exported files go to ``folder`` and nothing is cached;
+    ``precision`` is OpenVINO's (``bf16`` or ``fp32``), ``compile`` follows ``net.precision``, and
+    TorchScript and ONNX Runtime run float32. Shapes as :class:`EngineNet`."""
+    if engine not in ENGINES or engine == "auto":
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(e for e in ENGINES if e != 'auto')}")
+    if engine == "eager":
+        return net
+    if engine == "compile":
+        return EngineNet(net, _compiled(net), engine, batch)
+    if net.precision != "fp32":
+        raise ValueError(f"engine {engine} exports the float32 network; build it with precision fp32")
+    fmt = "torchscript" if engine == "torchscript" else "onnx"
+    path = Path(folder) / f"core{FORMATS[fmt]}"
+    _write(ModelCore(net).eval(), fmt, path, {"batch": batch}, batch)
+    if engine == "torchscript":
+        return EngineNet(net, torch.jit.load(str(path), map_location="cpu"), engine, batch)
+    if engine == "onnxruntime":
+        return EngineNet(net, _onnxruntime(path), engine, batch)
+    return EngineNet(net, _openvino(path, precision, cache=False), engine, batch)
 
 
 def _trial_file(weights: Path, batch: int) -> Path:

@@ -30,6 +30,7 @@ __all__ = [
     "LoRAHubFusion",
     "MoLEFusion",
     "SingleExpertFusion",
+    "attend",
     "build_fusion",
     "lorahub_search",
     "parse_order",
@@ -57,10 +58,11 @@ def parse_order(order: str, levels: tuple[str, ...] = LEVELS) -> list[tuple[str,
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for (..., N, d) queries and (..., M, d) keys/values.
 
-    The fused kernel on GPUs; on CPUs the explicit product and softmax, whose backward pass is much
-    faster there than the fused kernel's.
+    The fused kernel on GPUs and wherever no gradient is needed (on CPUs it works a block of queries
+    at a time, in cache); the explicit product and softmax when training on CPUs, whose backward
+    pass is much faster there than the fused kernel's.
     """
-    if q.is_cuda:
+    if q.is_cuda or not torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v)
     return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
 
