@@ -305,3 +305,6 @@ def test_bench_runs_both_models_under_an_engine(tmp_path, monkeypatch):
         bench.benchmark("tiny_vit", batch=1, dtype="bf16", engine="onnxruntime")
     with pytest.raises(ValueError, match="unknown engine"):
         export.network_engine(net, "auto", 2, tmp_path)
+    monkeypatch.setattr(bench, "_model", None)  # an unknown engine is refused before any model is built
+    with pytest.raises(ValueError, match="unknown engine"):
+        bench.benchmark("tiny_vit", engine="tensorrt")

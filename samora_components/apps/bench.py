@@ -56,7 +56,7 @@ import torch
 from tqdm import tqdm
 
 from samora_components.bundle.cards import check_weights, model_card_path
-from samora_components.bundle.export import export_model, network_engine
+from samora_components.bundle.export import ENGINES, export_model, network_engine
 from samora_components.bundle.inference import BundlePredictor, find_volumes, predict_file
 from samora_components.data.datasets import read_datalist
 from samora_components.data.io import volume_stem
@@ -126,6 +126,8 @@ def benchmark(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", 
     dtype = choice.precision
     if batch < 1 or repeats < 1 or warmup < 0:
         raise ValueError("batch and repeats must be >= 1, warmup >= 0")
+    if engine not in ENGINES or engine == "auto":  # before anything is built or timed
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(e for e in ENGINES if e != 'auto')}")
     if engine in ("torchscript", "onnxruntime") and dtype != "fp32":
         raise ValueError(f"engine {engine} runs float32 only; pass --dtype fp32")
     torch.manual_seed(0)
