@@ -280,6 +280,8 @@ def test_infer_auto_times_both_engines_once_and_keeps_the_faster(bundle, scan, t
 def test_bench_runs_both_models_under_an_engine(tmp_path, monkeypatch):
     """bench --engine: each engine computes the network's logits (padding a short batch), and the
     benchmark reports it with the FLOPs counted on the PyTorch network."""
+    for module in ("onnx", "onnxruntime", "openvino"):
+        pytest.importorskip(module)
     if _in_own_process("test_bench_runs_both_models_under_an_engine"):
         return
     torch.manual_seed(0)
@@ -295,9 +297,19 @@ def test_bench_runs_both_models_under_an_engine(tmp_path, monkeypatch):
         assert run.engine == engine and got.shape == expected.shape
         assert torch.allclose(got, expected, atol=1e-4), engine
     monkeypatch.setattr(bench, "matmul_peak", lambda dtype: 1.0)  # the peak is not what is tested here
+    built = []
+
+    def recorded(*args, **kwargs):
+        built.append(export.network_engine(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(bench, "network_engine", recorded)
     eager = bench.benchmark("tiny_vit", batch=2, dtype="fp32", warmup=0, repeats=1)
+    assert [getattr(run, "engine", "eager") for run in built] == ["eager", "eager"]
     exported = bench.benchmark("tiny_vit", batch=2, dtype="fp32", warmup=0, repeats=1, engine="openvino")
-    assert eager["engine"] == "eager" and exported["engine"] == "openvino"
+    assert [run.engine for run in built[2:]] == ["openvino", "openvino"]  # both models, as timed
+    assert all(isinstance(run, export.EngineNet) and run.batch == 2 for run in built[2:])
+    assert eager["engine"] == "eager" and exported["engine"] == "openvino" and exported["warmup"] == 1
     for method in ("samed", "samora"):
         assert exported[method]["gflop_per_slice"] == eager[method]["gflop_per_slice"] > 0
         assert exported[method]["latency_ms_per_slice"] > 0

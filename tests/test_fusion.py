@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from samora_components.networks import fusion as fusion_module
 from samora_components.networks.fusion import (
     HLAttn,
     LACFusion,
@@ -98,19 +99,25 @@ def test_hl_attn_follows_the_order():
     assert not torch.allclose(other(deltas, None), expected)
 
 
-def test_hl_attn_is_the_same_with_and_without_gradients():
-    """Inference runs the fused attention kernel, training the explicit product: same numbers."""
+def test_hl_attn_is_the_same_with_and_without_gradients(monkeypatch):
+    """Inference runs the fused attention kernel, training on CPUs the explicit product: same numbers."""
+    calls = []
+    fused = fusion_module.F.scaled_dot_product_attention
+    monkeypatch.setattr(fusion_module.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
     torch.manual_seed(0)
     deltas = {lv: torch.randn(3, 49, 32) for lv in LEVELS}
     fusion = HLAttn(32, LEVELS, "2-1-1", width=16, heads=4)
     trained = fusion(deltas, None)
+    assert not calls  # gradients on a CPU: the explicit product
     with torch.no_grad():
         q, k, v = torch.randn(3, 2, 3, 49, 8).unbind(0)
         explicit = ((q * 8**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         assert torch.allclose(attend(q, k, v), explicit, atol=1e-5)
         assert torch.allclose(fusion(deltas, None), trained, atol=1e-5)
+        assert len(calls) == 1 + len(fusion.cross)  # attend, then each cross-attention step
     with torch.inference_mode():
         assert torch.allclose(fusion(deltas, None), trained, atol=1e-5)
+    assert len(calls) == 1 + 2 * len(fusion.cross)
 
 
 def test_vit_b_budget_matches_paper_table_3():

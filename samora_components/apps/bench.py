@@ -60,7 +60,7 @@ from samora_components.bundle.export import ENGINES, export_model, network_engin
 from samora_components.bundle.inference import BundlePredictor, find_volumes, predict_file
 from samora_components.data.datasets import read_datalist
 from samora_components.data.io import volume_stem
-from samora_components.networks.precision import cpu_summary, resolve_precision
+from samora_components.networks.precision import cpu_summary, native_bf16, resolve_precision
 from samora_components.networks.samora_net import SAMoraNet
 
 __all__ = ["benchmark", "matmul_peak", "main", "precision_agreement", "infer_overhead", "engine_comparison"]
@@ -130,6 +130,10 @@ def benchmark(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", 
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(e for e in ENGINES if e != 'auto')}")
     if engine in ("torchscript", "onnxruntime") and dtype != "fp32":
         raise ValueError(f"engine {engine} runs float32 only; pass --dtype fp32")
+    if engine == "openvino" and dtype == "bf16" and not native_bf16("cpu")[0]:
+        raise ValueError("OpenVINO computes bf16 only on CPUs with native bf16 (AVX512-BF16 or AMX); pass --dtype fp32")
+    if engine != "eager":
+        warmup = max(warmup, 1)  # the first call exports, compiles or loads: never timed
     torch.manual_seed(0)
     result: dict = {"backbone": backbone, "decoder": decoder, "engine": engine, "batch": batch, "dtype": dtype,
                     "dtype_requested": choice.requested, "dtype_reason": choice.reason,

@@ -258,10 +258,11 @@ def _compiled(net: SAMoraNet) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def network_engine(net: SAMoraNet, engine: str, batch: int, folder: str | Path, precision: str = "fp32") -> nn.Module:
-    """``net`` (float32, eval mode) run by ``engine`` (:data:`ENGINES` but ``auto``) without a weights
-    file: what ``bench --engine`` times. Exported files go to ``folder`` and nothing is cached;
-    ``precision`` is OpenVINO's (``bf16`` or ``fp32``), ``compile`` follows ``net.precision``, and
-    TorchScript and ONNX Runtime run float32. Shapes as :class:`EngineNet`."""
+    """``net`` (eval mode) run by ``engine`` (:data:`ENGINES` but ``auto``) without a weights file:
+    what ``bench --engine`` times. TorchScript, ONNX Runtime and OpenVINO export the float32 ``net``
+    (any other is refused) for batches of ``batch`` into ``folder`` and keep nothing in the cache;
+    ``precision`` is OpenVINO's (``bf16`` or ``fp32``); ``eager`` and ``compile`` run ``net`` in its own
+    precision. Shapes as :class:`EngineNet`."""
     if engine not in ENGINES or engine == "auto":
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(e for e in ENGINES if e != 'auto')}")
     if engine == "eager":
