@@ -87,13 +87,16 @@ def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> 
 
 
 def _flops(net: torch.nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward pass as executed (padding included). PyTorch's counter has no formula
-    for the CPU fused-attention kernel, so one is registered here."""
+    """FLOPs of one steady-state forward pass as executed (padding included): a first, uncounted pass
+    builds what inference keeps between calls (merged or stacked LoRA weights), as the timed passes
+    had. PyTorch's counter has no formula for the CPU fused-attention kernel, so one is registered here."""
     from torch.utils.flop_counter import FlopCounterMode
 
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
-    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+    with torch.inference_mode():
         net(x)
+        with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            net(x)
     return int(counter.get_total_flops())
 
 
@@ -153,9 +156,6 @@ def benchmark(backbone: str = "sam_vit_b", batch: int = 8, dtype: str = "auto", 
         times = _alternate(runs, x, warmup, repeats)
     for method, net in nets.items():
         median = statistics.median(times[method])
-        if engine != "eager":  # what inference keeps between calls (merged or stacked LoRA weights) is built
-            with torch.inference_mode():  # once, outside the counted pass, as it was in the timed eager passes
-                net(x)
         flops = _flops(net, x)
         result[method] = {
             "latency_ms_per_slice": 1e3 * median / batch,
